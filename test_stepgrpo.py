@@ -251,3 +251,120 @@ def test_policy_stats_on_policy_report_ratio_one_and_nothing_clipped():
     """On-policy: approx KL 0, clip fraction 0, mean ratio 1."""
     lp = torch.randn(10)
     assert stepgrpo.policy_stats(lp, lp, 1e-4) == dict(approx_kl=0.0, clip_frac=0.0, ratio=1.0)
+
+
+# --------------------------------------------------------------------------------------------------------- train.py
+import dataclasses
+import json
+import signal
+
+import rewards
+import train
+
+
+def tiny(tmp_path, **overrides):
+    """A toy run small enough for seconds on 2 CPU cores: 2 prompts x 2 trajectories, T = 4, 20 pretraining steps."""
+    cfg = train.toy(train.Config())
+    cfg = dataclasses.replace(cfg, out=str(tmp_path / "run"), cache_dir=str(tmp_path.parent / "toy_cache"),
+                              pretrain_steps=20, steps=2, prompts_per_step=2, group_size=2, num_steps=4,
+                              tweedie_substeps=2, eval_steps=2, eval_every=1, micro_batch=2, lr=1e-2)
+    return dataclasses.replace(cfg, **overrides)
+
+
+def lora_state(out):
+    return torch.load(os.path.join(out, "ckpt.pt"), weights_only=False)["lora"]
+
+
+@pytest.mark.parametrize("advantage,sampler", [("stepwise", "ddim"), ("flow_grpo", "flow_grpo")])
+def test_a_tiny_training_run_writes_its_outputs_and_changes_only_the_lora(tmp_path, advantage, sampler):
+    """Both methods run end to end: finite losses, first ratio 1, every output file, LoRA changed, base untouched."""
+    import toy
+    base = toy.ToyWorld("cpu", tmp_path.parent / "toy_cache", pretrain_steps=20).transformer.state_dict()
+    cfg = tiny(tmp_path, advantage=advantage, sampler=sampler)
+    result = train.main(cfg)
+    for name in ("metrics.jsonl", "config.json", "ckpt.pt", "lora/pytorch_lora_weights.safetensors",
+                 "reward_curve.png", "samples_start.png", "samples_end.png", "fig1_trajectories.png"):
+        assert os.path.isfile(os.path.join(cfg.out, name)), f"{name} was not written"
+    rows = [json.loads(line) for line in open(os.path.join(cfg.out, "metrics.jsonl"))]
+    assert [r["it"] for r in rows] == [0, 1, 2] and all(math.isfinite(r["loss"]) for r in rows[:2])
+    assert all(r["ratio_first"] == 1.0 for r in rows[:2]), "re-scoring before the first update must give ratio 1"
+    assert len(result["eval_rewards"]) == 3
+    init = toy.ToyWorld("cpu", tmp_path.parent / "toy_cache", pretrain_steps=20)  # fresh: the same base weights
+    torch.manual_seed(cfg.seed)
+    from peft import LoraConfig, get_peft_model_state_dict
+    init.transformer.add_adapter(LoraConfig(r=cfg.lora_rank, lora_alpha=cfg.lora_alpha, init_lora_weights="gaussian",
+                                            target_modules=["to_k", "to_q", "to_v", "to_out.0"]))
+    before, after = get_peft_model_state_dict(init.transformer), lora_state(cfg.out)
+    assert before.keys() == after.keys()
+    unchanged = [k for k in before if torch.equal(before[k].float(), after[k])]
+    assert not unchanged, f"LoRA parameters never updated: {unchanged[:3]}"
+    assert all(torch.equal(base[k], v) for k, v in toy.ToyWorld("cpu", tmp_path.parent / "toy_cache",
+                                                                pretrain_steps=20).transformer.state_dict().items())
+
+
+def test_a_resumed_run_ends_bit_identical_to_one_that_never_stopped(tmp_path):
+    """2 iterations + --resume to 4 gives exactly the LoRA and rewards of 4 iterations straight (CPU)."""
+    straight = tiny(tmp_path / "a", steps=4, eval_every=10)
+    train.main(straight)
+    split = tiny(tmp_path / "b", steps=2, eval_every=10)
+    train.main(split)
+    train.main(dataclasses.replace(split, steps=4, resume=True))
+    a, b = lora_state(straight.out), lora_state(split.out)
+    assert all(torch.equal(a[k], b[k]) for k in a), "resume does not restore the RNG, optimizer or weights exactly"
+    reward = lambda cfg: [json.loads(l).get("reward") for l in open(os.path.join(cfg.out, "metrics.jsonl"))]
+    assert reward(straight) == reward(split)
+
+
+def test_ctrl_c_finishes_the_iteration_and_writes_a_checkpoint(tmp_path, monkeypatch):
+    """A SIGINT mid-run stops after the current iteration with a checkpoint that --resume continues."""
+    def interrupting(device):
+        score, calls = rewards.build("toy_geneval", device), []
+        def fn(images, prompts):
+            calls.append(1)
+            if len(calls) == 2:  # the first iteration's rewards, after its evaluation: as if the user hit Ctrl-C
+                os.kill(os.getpid(), signal.SIGINT)
+            return score(images, prompts)
+        return fn
+    monkeypatch.setitem(rewards.REWARDS, "interrupting", interrupting)
+    cfg = tiny(tmp_path, reward="interrupting", steps=5, eval_every=10)
+    train.main(cfg)
+    assert torch.load(os.path.join(cfg.out, "ckpt.pt"), weights_only=False)["it"] == 1
+    assert not os.path.exists(os.path.join(cfg.out, "samples_end.png")), "an interrupted run must not claim to end"
+
+
+def test_non_finite_losses_skip_updates_then_stop_the_run_with_a_checkpoint(tmp_path, monkeypatch):
+    """A NaN reward makes NaN advantages: updates are skipped, and 3 in a row stop the run with a clear error."""
+    monkeypatch.setitem(rewards.REWARDS, "nan", lambda device: lambda images, prompts: torch.full((len(prompts),), math.nan))
+    cfg = tiny(tmp_path, reward="nan", steps=5, eval_every=10, micro_batch=4)
+    with pytest.raises(RuntimeError, match="non-finite losses in a row"):
+        train.main(cfg)
+    assert torch.load(os.path.join(cfg.out, "ckpt.pt"), weights_only=False)["it"] == 3
+
+
+@pytest.mark.parametrize("flag,value,match", [
+    ("group_size", 1, "--group-size=1 is invalid: must be >= 2"),
+    ("eta", 1.5, "--eta: eta=1.5 makes sigma reach s"),
+    ("reward", "hps", "--reward='hps' is invalid: must be one of"),
+    ("lr", 0.0, "--lr=0.0 is invalid: must be > 0"),
+    ("prompts", "/no/such/file.txt", "--prompts='/no/such/file.txt' is invalid"),
+    ("sampler", "euler", "--sampler='euler' is invalid"),
+    ("advantage", "ppo", "--advantage='ppo' is invalid"),
+    ("resume", True, "--resume=True is invalid: must be a run in --out"),
+    ("tweedie_substeps", 0, "--tweedie-substeps=0 is invalid"),
+])
+def test_each_bad_flag_is_rejected_before_any_work_with_its_name(tmp_path, flag, value, match):
+    """check(cfg) names the flag and its valid range; nothing is built or written first."""
+    cfg = dataclasses.replace(tiny(tmp_path), **{flag: value})
+    with pytest.raises(ValueError, match=match.replace("[", r"\[").replace("(", r"\(")):
+        train.main(cfg)
+    assert not os.path.exists(cfg.out), "work started before the flags were checked"
+
+
+def test_flags_override_the_preset_and_unknown_flags_are_named(capsys):
+    """--group-size 4 overrides the toy preset; --group-sise is an argparse error naming it."""
+    cfg = train.parse_args(["--group-size", "4", "--shared-noise", "false"])
+    assert cfg.group_size == 4 and cfg.shared_noise is False and cfg.lora_rank == train.toy(train.Config()).lora_rank
+    with pytest.raises(SystemExit):
+        train.parse_args(["--group-sise", "4"])
+    assert "--group-sise" in capsys.readouterr().err
+    assert train.parse_args(["--model", "some/sd3"]).reward == "pickscore", "an SD3 model takes the sd35 preset"

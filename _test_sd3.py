@@ -1,0 +1,312 @@
+"""Tests of sd3.py (SD3World, prompts, fail-fast loading) and rewards.py, on tiny in-memory SD3 and CLIP models."""
+import os
+
+os.environ["HF_HUB_OFFLINE"] = "1"  # hermetic: no hub traffic, and a missing model fails at once
+
+import time
+import types
+
+import numpy as np
+import pytest
+import torch
+from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
+from PIL import Image
+from transformers import (CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor, CLIPTextConfig,
+                          CLIPTextModelWithProjection, CLIPTokenizer, T5Config, T5EncoderModel, T5Tokenizer)
+from transformers.convert_slow_tokenizer import bytes_to_unicode
+
+import rewards
+import sd3
+
+PROMPTS = ["a photo of two red apples", "a blue bench left of a yellow dog"]
+
+
+# ---------------------------------------------------------------- tiny components
+
+def tiny_clip_tokenizer():
+    """A byte-level CLIP tokenizer without merges: 256 bytes, their </w> forms, start and end (514 ids), 40 tokens."""
+    chars = list(bytes_to_unicode().values())
+    vocab = {c: i for i, c in enumerate(chars)} | {c + "</w>": 256 + i for i, c in enumerate(chars)}
+    vocab |= {"<|startoftext|>": 512, "<|endoftext|>": 513}
+    return CLIPTokenizer(vocab=vocab, merges=[], model_max_length=40)
+
+
+def tiny_text_config():
+    return CLIPTextConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+                          projection_dim=16, vocab_size=514, max_position_embeddings=40,
+                          bos_token_id=512, eos_token_id=513, pad_token_id=513)
+
+
+def tiny_pipe(seed=0):
+    """A StableDiffusion3Pipeline of ~20k random parameters: 8x8 latents, VAE factor 1."""
+    torch.manual_seed(seed)
+    t5_tokenizer = T5Tokenizer(vocab=[("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0)]
+                               + [(c, -1.0) for c in "▁abcdefghijklmnopqrstuvwxyz"], extra_ids=0)
+    return StableDiffusion3Pipeline(
+        transformer=SD3Transformer2DModel(sample_size=8, patch_size=2, in_channels=4, out_channels=4, num_layers=1,
+                                          attention_head_dim=8, num_attention_heads=2, joint_attention_dim=32,
+                                          caption_projection_dim=16, pooled_projection_dim=32),
+        scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0),
+        vae=AutoencoderKL(block_out_channels=(8,), latent_channels=4, norm_num_groups=1, use_quant_conv=False,
+                          use_post_quant_conv=False, shift_factor=0.0609, scaling_factor=1.5035),
+        text_encoder=CLIPTextModelWithProjection(tiny_text_config()), tokenizer=tiny_clip_tokenizer(),
+        text_encoder_2=CLIPTextModelWithProjection(tiny_text_config()), tokenizer_2=tiny_clip_tokenizer(),
+        text_encoder_3=T5EncoderModel(T5Config(vocab_size=64, d_model=32, d_ff=37, d_kv=8, num_layers=1, num_heads=4,
+                                               relative_attention_num_buckets=8)),
+        tokenizer_3=t5_tokenizer)
+
+
+def tiny_world(dtype=torch.float32, **kwargs):
+    return sd3.SD3World(tiny_pipe(), "cpu", dtype=dtype, resolution=8, **kwargs)
+
+
+@pytest.fixture
+def world():
+    return tiny_world()
+
+
+def add_lora(transformer, seed=1):
+    """Train.py's adapter (rank 4 here), its zero-initialised B set by hand so that it changes the output."""
+    from peft import LoraConfig
+    transformer.add_adapter(LoraConfig(r=4, lora_alpha=8, init_lora_weights="gaussian",
+                                       target_modules=["to_k", "to_q", "to_v", "to_out.0"]))
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in transformer.named_parameters():
+            if "lora_B" in name:
+                p.copy_(0.5 * torch.randn(p.shape, generator=gen))
+
+
+# ---------------------------------------------------------------- SD3World
+
+def test_velocity_with_guidance_is_the_pipelines_cfg_arithmetic(world):
+    """velocity(g) = v_u + g (v_c - v_u) from the pipeline's own encodings, [uncond; cond] in one batch."""
+    pipe = world.pipe
+    pe, npe, pooled, npooled = pipe.encode_prompt(PROMPTS, None, None, device="cpu",
+                                                  max_sequence_length=sd3.MAX_SEQUENCE_LENGTH)
+    x, t = torch.randn(2, *world.latent_shape), torch.tensor([0.9, 0.3])
+    with torch.no_grad():
+        v = pipe.transformer(hidden_states=torch.cat([x, x]), timestep=1000 * torch.cat([t, t]),
+                             encoder_hidden_states=torch.cat([npe, pe]), pooled_projections=torch.cat([npooled, pooled]),
+                             return_dict=False)[0]
+        v_u, v_c = v.chunk(2)
+        cond = world.encode(PROMPTS)
+        torch.testing.assert_close(world.velocity(x, t, cond, 4.5), v_u + 4.5 * (v_c - v_u), msg="CFG arithmetic differs")
+        torch.testing.assert_close(world.velocity(x, t, cond, 1.0), v_c, msg="guidance 1 is not the conditional pass")
+
+
+def test_euler_rollout_of_velocity_reproduces_the_pipelines_sampler(world):
+    """An Euler rollout with velocity over the scheduler's sigmas equals pipe(..., latents=x_T, output_type='latent')."""
+    T, g = 6, 4.5
+    x1 = torch.randn(2, *world.latent_shape, generator=torch.Generator().manual_seed(0))
+    expected = world.pipe(PROMPTS, latents=x1, num_inference_steps=T, guidance_scale=g, output_type="latent",
+                          max_sequence_length=sd3.MAX_SEQUENCE_LENGTH).images
+    sigmas = world.pipe.scheduler.sigmas.float()  # set by the call above: T+1 levels, 1 -> 0
+    cond, x = world.encode(PROMPTS), x1
+    with torch.no_grad():
+        for t, s in zip(sigmas[:-1], sigmas[1:]):
+            x = x + (s - t) * world.velocity(x, t.expand(2), cond, g)  # METHOD §1: x_s = x_t + (s - t) v
+    err = (x - expected).abs().max().item()
+    assert err < 1e-5, f"rollout differs from the pipeline by {err}: timestep scale, CFG order or schedule is wrong"
+
+
+def test_decode_equals_the_pipelines_image_output(world):
+    """decode(latents) equals the pipeline's output_type='pt' images (scaling, shift, [0, 1] mapping)."""
+    x1 = torch.randn(2, *world.latent_shape)
+    kwargs = dict(latents=x1, num_inference_steps=3, guidance_scale=4.5, max_sequence_length=sd3.MAX_SEQUENCE_LENGTH)
+    latents = world.pipe(PROMPTS, output_type="latent", **kwargs).images
+    images = world.pipe(PROMPTS, output_type="pt", **kwargs).images
+    decoded = world.decode(latents)
+    assert decoded.dtype == torch.float32 and decoded.shape == (2, 3, 8, 8)
+    torch.testing.assert_close(decoded, images, msg="VAE scaling/shift or the [-1, 1] -> [0, 1] map is wrong")
+
+
+def test_encode_is_batch_first_cached_and_its_negative_is_the_empty_prompt(world):
+    """encode rows follow the prompts, repeat exactly from the cache, and the negatives encode ''."""
+    cond = world.encode([PROMPTS[0], PROMPTS[1], PROMPTS[0]])
+    assert set(cond) == {"prompt_embeds", "pooled_prompt_embeds", "negative_prompt_embeds",
+                         "negative_pooled_prompt_embeds"}
+    assert all(v.shape[0] == 3 for v in cond.values()), "encode must be batch-first"
+    torch.testing.assert_close(cond["prompt_embeds"][0], cond["prompt_embeds"][2])
+    empty = world.encode([""])
+    torch.testing.assert_close(cond["negative_prompt_embeds"][1], empty["prompt_embeds"][0])
+    torch.testing.assert_close(cond["negative_pooled_prompt_embeds"][1], empty["pooled_prompt_embeds"][0])
+    again = world.encode([PROMPTS[1]])
+    torch.testing.assert_close(again["prompt_embeds"][0], cond["prompt_embeds"][1], msg="cache returned another row")
+
+
+def test_latent_shape_follows_resolution_and_a_bad_resolution_is_refused():
+    """latent_shape = (C, resolution / vae factor, ...); a resolution off the patch grid raises."""
+    assert tiny_world().latent_shape == (4, 8, 8)
+    with pytest.raises(ValueError, match="multiple of 2"):
+        sd3.SD3World(tiny_pipe(), "cpu", resolution=7)
+
+
+def test_base_weights_are_frozen_and_a_float32_lora_trains_through_bf16_velocity():
+    """All base weights are frozen; a LoRA (float32 params on bf16 weights) gets finite gradients from velocity."""
+    world = tiny_world(dtype=torch.bfloat16)
+    assert not any(p.requires_grad for m in world.pipe.components.values() if isinstance(m, torch.nn.Module)
+                   for p in m.parameters()), "a base weight is trainable"
+    add_lora(world.transformer)
+    lora = [p for p in world.transformer.parameters() if p.requires_grad]
+    for p in lora:
+        p.data = p.data.float()
+    cond = world.encode(PROMPTS)
+    v = world.velocity(torch.randn(2, *world.latent_shape), torch.tensor([0.7, 0.2]), cond, 4.5)
+    assert v.dtype == torch.float32
+    v.square().mean().backward()
+    grads = [p.grad for p in lora]
+    assert all(gr is not None and torch.isfinite(gr).all() for gr in grads) and any(gr.abs().sum() > 0 for gr in grads)
+
+
+def test_saved_lora_loads_into_a_fresh_pipeline_and_reproduces_the_velocity(world, tmp_path):
+    """save_lora then load_lora_weights into a fresh pipeline gives the trained transformer's velocity."""
+    add_lora(world.transformer)
+    x, t = torch.randn(2, *world.latent_shape), torch.tensor([0.8, 0.4])
+    with torch.no_grad():
+        cond = world.encode(PROMPTS)
+        trained = world.velocity(x, t, cond, 4.5)
+        world.transformer.disable_adapters()
+        base = world.velocity(x, t, cond, 4.5)
+    assert (trained - base).abs().max() > 1e-3, "the test LoRA does not change the output"
+    sd3.save_lora(world.transformer, tmp_path)
+    fresh = tiny_pipe()  # same seed: the same base weights
+    fresh.load_lora_weights(tmp_path)
+    with torch.no_grad():
+        loaded = sd3.SD3World(fresh, "cpu", dtype=torch.float32, resolution=8).velocity(x, t, cond, 4.5)
+    torch.testing.assert_close(loaded, trained, msg="reloaded LoRA differs: lost weights or lost lora_alpha scale")
+
+
+def test_a_saved_pipeline_folder_loads_as_a_world(tmp_path):
+    """SD3World.load of a save_pretrained folder gives the same velocity as the pipeline it came from."""
+    pipe = tiny_pipe()
+    pipe.save_pretrained(tmp_path)
+    a, b = tiny_world(), sd3.SD3World.load(str(tmp_path), "cpu", dtype=torch.float32, resolution=8)
+    x, t = torch.randn(1, *a.latent_shape), torch.tensor([0.5])
+    with torch.no_grad():
+        torch.testing.assert_close(b.velocity(x, t, b.encode(PROMPTS[:1]), 4.5), a.velocity(x, t, a.encode(PROMPTS[:1]), 4.5))
+
+
+@pytest.mark.parametrize("name", ["nobody/no-such-sd3-model", "/no/such/folder"])
+def test_a_missing_model_fails_within_seconds_naming_the_model_flag(name):
+    """SD3World.load of an uncached hub id or a missing folder raises LoadError naming --model, in < 10 s."""
+    start = time.perf_counter()
+    with pytest.raises(sd3.LoadError, match="--model") as err:
+        sd3.SD3World.load(name, "cpu")
+    assert time.perf_counter() - start < 10, "a failed load must not retry the hub for a minute"
+    assert name in str(err.value)
+
+
+def test_hub_problems_are_explained(monkeypatch):
+    """Offline, gated and unreachable hubs each get their own advice (licence + login, network, local folder)."""
+    import huggingface_hub
+    from huggingface_hub import constants, errors
+
+    assert "HF_HUB_OFFLINE" in sd3._hub_problem("a/b", folder_ok=True)
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(huggingface_hub, "model_info", lambda name, timeout: types.SimpleNamespace(gated="auto"))
+    gated = errors.GatedRepoError.__new__(errors.GatedRepoError, "gated")  # its __init__ wants an HTTP response
+
+    def refuse(name):
+        raise gated
+    monkeypatch.setattr(huggingface_hub, "auth_check", refuse)
+    message = sd3._hub_problem("stabilityai/stable-diffusion-3.5-medium", folder_ok=True)
+    assert "licence" in message and "hf auth login" in message and "local folder" in message
+
+    def unreachable(name, timeout):
+        raise ConnectionError("no route to host")
+    monkeypatch.setattr(huggingface_hub, "model_info", unreachable)
+    message = sd3._hub_problem("yuvalkirstain/PickScore_v1", folder_ok=False)
+    assert "cannot be reached" in message and "local folder" not in message
+
+
+# ---------------------------------------------------------------- prompts
+
+def test_read_prompts_names_the_flag_and_path_for_a_missing_or_empty_file(tmp_path):
+    """read_prompts: a missing or blank file is a LoadError naming --prompts and the path."""
+    missing, blank = tmp_path / "missing.txt", tmp_path / "blank.txt"
+    blank.write_text("\n  \n")
+    for path in (missing, blank):
+        with pytest.raises(sd3.LoadError, match="--prompts") as err:
+            sd3.read_prompts(path)
+        assert str(path) in str(err.value)
+    (tmp_path / "ok.txt").write_text("a photo of a cat\n\n a photo of a dog \n")
+    assert sd3.read_prompts(tmp_path / "ok.txt") == ["a photo of a cat", "a photo of a dog"]
+
+
+def test_built_in_prompt_splits_are_disjoint_and_used_by_default(world):
+    """The built-in GenEval-style train and held-out prompts do not overlap; train_prompts overrides train only."""
+    train, held_out = sd3.read_prompts(sd3.TRAIN_PROMPTS), sd3.read_prompts(sd3.EVAL_PROMPTS)
+    assert len(train) >= 90 and len(held_out) >= 25
+    assert len(set(train)) == len(train) and len(set(held_out)) == len(held_out), "duplicate prompts"
+    assert not set(train) & set(held_out), "a held-out prompt is also a training prompt"
+    assert world.train_prompts == train and world.eval_prompts == held_out
+    assert tiny_world(train_prompts=["a cat"]).train_prompts == ["a cat"]
+
+
+# ---------------------------------------------------------------- rewards
+
+def tiny_clip():
+    """A random CLIPModel (16 px images, 8 px patches) and a processor built in memory."""
+    torch.manual_seed(0)
+    config = CLIPConfig(text_config=tiny_text_config().to_dict(), projection_dim=16,
+                        vision_config=dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                           num_attention_heads=2, image_size=16, patch_size=8, projection_dim=16))
+    processor = CLIPProcessor(image_processor=CLIPImageProcessor(size={"shortest_edge": 16},
+                                                                 crop_size={"height": 16, "width": 16}),
+                              tokenizer=tiny_clip_tokenizer())
+    return CLIPModel(config).eval(), processor
+
+
+def smooth_images(batch, height, width, seed=0):
+    """Random low-frequency images in [0, 1], where PIL's and torch's resampling differ least."""
+    coarse = torch.rand(batch, 3, 4, 4, generator=torch.Generator().manual_seed(seed))
+    return torch.nn.functional.interpolate(coarse, size=(height, width), mode="bilinear", align_corners=True)
+
+
+def test_pickscore_is_the_scaled_cosine_of_the_models_embeddings():
+    """PickScore = diag(logits_per_image) / 26, i.e. logit_scale.exp() * cos(text, image) / 26."""
+    model, processor = tiny_clip()
+    images = smooth_images(3, 24, 20)
+    prompts = ["a red apple", "two dogs", "a bench"]
+    score = rewards.PickScore(model, processor)(images, prompts)
+    pixels = rewards.clip_pixels(images, 16, torch.tensor(processor.image_processor.image_mean),
+                                 torch.tensor(processor.image_processor.image_std))
+    text = processor.tokenizer(prompts, padding=True, return_tensors="pt")
+    with torch.no_grad():
+        logits = model(input_ids=text.input_ids, attention_mask=text.attention_mask, pixel_values=pixels).logits_per_image
+    assert score.shape == (3,) and score.dtype == torch.float32
+    torch.testing.assert_close(score, logits.diagonal() / 26, msg="PickScore is not logit_scale.exp() * cos / 26")
+    cos = rewards.CLIPScore(model, processor)(images, prompts)
+    torch.testing.assert_close(cos * model.logit_scale.exp() / 26, score, msg="CLIPScore is not the plain cosine")
+
+
+def test_torch_preprocessing_matches_the_clip_processor_on_a_pil_image():
+    """clip_pixels of a [0, 1] tensor is close to the processor's PIL resize, crop and normalisation."""
+    _, processor = tiny_clip()
+    image = smooth_images(1, 40, 32)
+    pil = Image.fromarray((image[0].permute(1, 2, 0).numpy() * 255).round().astype(np.uint8))
+    expected = processor(images=pil, return_tensors="pt").pixel_values
+    ours = rewards.clip_pixels(torch.from_numpy(np.array(pil)).permute(2, 0, 1)[None].float() / 255, 16,
+                               torch.tensor(processor.image_processor.image_mean),
+                               torch.tensor(processor.image_processor.image_std))
+    assert ours.shape == expected.shape
+    err = (ours - expected).abs()
+    assert err.mean() < 0.02 and err.max() < 0.1, f"preprocessing differs from CLIP's: mean {err.mean()}, max {err.max()}"
+
+
+def test_a_reward_that_cannot_be_loaded_fails_within_seconds_naming_the_reward_flag():
+    """build('pickscore') and build('clip') without the weights raise LoadError naming --reward, in < 10 s."""
+    for name in ("pickscore", "clip"):
+        start = time.perf_counter()
+        with pytest.raises(sd3.LoadError, match=f"--reward {name}"):
+            rewards.build(name, "cpu")
+        assert time.perf_counter() - start < 10
+
+
+def test_rewards_are_chosen_by_name():
+    """build('toy_geneval') is toy.geneval_score; an unknown name is a ValueError listing the valid ones."""
+    import toy
+    assert rewards.build("toy_geneval", "cpu") is toy.geneval_score
+    with pytest.raises(ValueError, match="clip, pickscore, toy_geneval"):
+        rewards.build("imagereward", "cpu")
