@@ -1,10 +1,12 @@
-"""Tests of sd3.py (SD3World, prompts, fail-fast loading) and rewards.py, on tiny in-memory SD3 and CLIP models."""
+"""Tests of sd3.py (SD3World, prompts, fail-fast loading), rewards.py and train.py's paper path (SD3 + PickScore),
+on tiny in-memory SD3 and CLIP models."""
 import os
 
 os.environ["HF_HUB_OFFLINE"] = "1"  # hermetic: no hub traffic, and a missing model fails at once
 
 import time
 import types
+from functools import partial
 
 import numpy as np
 import pytest
@@ -17,6 +19,7 @@ from transformers.convert_slow_tokenizer import bytes_to_unicode
 
 import rewards
 import sd3
+import sde
 
 PROMPTS = ["a photo of two red apples", "a blue bench left of a yellow dog"]
 
@@ -95,18 +98,17 @@ def test_velocity_with_guidance_is_the_pipelines_cfg_arithmetic(world):
         torch.testing.assert_close(world.velocity(x, t, cond, 1.0), v_c, msg="guidance 1 is not the conditional pass")
 
 
-def test_euler_rollout_of_velocity_reproduces_the_pipelines_sampler(world):
-    """An Euler rollout with velocity over the scheduler's sigmas equals pipe(..., latents=x_T, output_type='latent')."""
+@pytest.mark.parametrize("step_fn", [partial(sde.ddim_step, eta=0.0), partial(sde.flow_grpo_step, noise_level=0.0)],
+                         ids=["ddim_eta_0", "flow_grpo_noise_0"])
+def test_noiseless_rollout_of_velocity_reproduces_the_pipelines_sampler(world, step_fn):
+    """sde.rollout over sde.sigmas with either sampler at zero noise equals pipe(..., latents=x_T, output_type='latent')."""
     T, g = 6, 4.5
     x1 = torch.randn(2, *world.latent_shape, generator=torch.Generator().manual_seed(0))
     expected = world.pipe(PROMPTS, latents=x1, num_inference_steps=T, guidance_scale=g, output_type="latent",
                           max_sequence_length=sd3.MAX_SEQUENCE_LENGTH).images
-    sigmas = world.pipe.scheduler.sigmas.float()  # set by the call above: T+1 levels, 1 -> 0
-    cond, x = world.encode(PROMPTS), x1
-    with torch.no_grad():
-        for t, s in zip(sigmas[:-1], sigmas[1:]):
-            x = x + (s - t) * world.velocity(x, t.expand(2), cond, g)  # METHOD §1: x_s = x_t + (s - t) v
-    err = (x - expected).abs().max().item()
+    velocity = partial(world.velocity, cond=world.encode(PROMPTS), guidance=g)
+    out = sde.rollout(velocity, x1, sde.sigmas(T, 3.0), step_fn)
+    err = (out["states"][:, -1] - expected).abs().max().item()
     assert err < 1e-5, f"rollout differs from the pipeline by {err}: timestep scale, CFG order or schedule is wrong"
 
 
@@ -310,3 +312,80 @@ def test_rewards_are_chosen_by_name():
     assert rewards.build("toy_geneval", "cpu") is toy.geneval_score
     with pytest.raises(ValueError, match="clip, pickscore, toy_geneval"):
         rewards.build("imagereward", "cpu")
+
+
+# ---------------------------------------------------------------- train.py on SD3 (the paper's path)
+
+import dataclasses
+import json
+import math
+
+from peft import get_peft_model_state_dict
+
+import train
+
+
+def tiny_pickscore(device):
+    """rewards.PickScore over the tiny random CLIP; its seeding leaves the global RNG (the LoRA init) alone."""
+    with torch.random.fork_rng():
+        return rewards.PickScore(*tiny_clip()).to(device)
+
+
+def test_two_sd3_pickscore_iterations_train_only_the_lora_and_save_a_loadable_one(tmp_path, monkeypatch):
+    """train.main on a saved tiny SD3 pipeline with PickScore: finite losses, first ratio 1, every LoRA tensor
+    changed, base weights untouched, and out/lora loads into a fresh pipeline with the trained velocity."""
+    folder = str(tmp_path / "pipe")
+    tiny_pipe().to(torch.bfloat16).save_pretrained(folder)  # bf16 on disk: the world's bf16 load is then exact
+    monkeypatch.setitem(rewards.REWARDS, "tiny_pickscore", tiny_pickscore)
+    kept, build_world = {}, train.build_world
+
+    def build_and_keep(cfg, device):  # the world train.main builds, and its LoRA as initialised
+        world = kept["world"] = build_world(cfg, device)
+        add_adapter = world.transformer.add_adapter
+
+        def add_and_record(config):
+            add_adapter(config)
+            kept["init"] = {k: v.clone() for k, v in get_peft_model_state_dict(world.transformer).items()}
+        world.transformer.add_adapter = add_and_record
+        return world
+    monkeypatch.setattr(train, "build_world", build_and_keep)
+    cfg = dataclasses.replace(train.sd35(train.Config()), model=folder, reward="tiny_pickscore", resolution=8,
+                              steps=2, prompts_per_step=2, group_size=2, num_steps=4, tweedie_substeps=2,
+                              eval_steps=2, micro_batch=2, lora_rank=4, lora_alpha=8, out=str(tmp_path / "run"))
+    train.main(cfg)
+
+    rows = [json.loads(line) for line in open(os.path.join(cfg.out, "metrics.jsonl"))]
+    assert [r["it"] for r in rows] == [0, 1, 2] and all(math.isfinite(r["loss"]) for r in rows[:2]), "bad losses"
+    assert all(r["ratio_first"] == 1.0 for r in rows[:2]), "re-scoring before the first update must give ratio 1"
+    world = kept["world"]
+    trained = get_peft_model_state_dict(world.transformer)
+    unchanged = [k for k in kept["init"] if torch.equal(kept["init"][k].float(), trained[k])]
+    assert not unchanged, f"LoRA parameters never updated: {unchanged[:3]}"
+    ckpt = torch.load(os.path.join(cfg.out, "ckpt.pt"), weights_only=False)["lora"]
+    assert all(torch.equal(ckpt[k], v) for k, v in trained.items()), "the checkpoint is not the trained LoRA"
+    base = SD3Transformer2DModel.from_pretrained(folder, subfolder="transformer").state_dict()
+    now = {k.replace(".base_layer", ""): v for k, v in world.transformer.state_dict().items() if "lora_" not in k}
+    assert now.keys() == base.keys() and all(torch.equal(now[k], base[k]) for k in base), "a base weight changed"
+
+    fresh = sd3.SD3World.load(folder, "cpu", resolution=8)
+    fresh.pipe.load_lora_weights(os.path.join(cfg.out, "lora"))
+    x, t = torch.randn(2, *world.latent_shape), torch.tensor([0.8, 0.4])
+    with torch.no_grad():
+        cond = world.encode(PROMPTS)
+        v_trained, v_loaded = world.velocity(x, t, cond, 4.5), fresh.velocity(x, t, cond, 4.5)
+        with train.base_model(world.transformer):
+            effect = (v_trained - world.velocity(x, t, cond, 4.5)).abs().max().item()
+    err = (v_loaded - v_trained).abs().max().item()
+    # the reloaded LoRA is bf16 (the transformer's dtype), the trained one float32: equal up to bf16 rounding
+    assert effect > 1e-3 and err <= 0.05 * effect, \
+        f"reloaded LoRA differs by {err} (its effect: {effect}): lost weights or lost lora_alpha scale"
+
+
+def test_train_main_fails_within_seconds_on_a_model_that_cannot_be_loaded(tmp_path):
+    """--model no/such-model offline: train.main raises sd3.LoadError naming --model in seconds, before any output."""
+    cfg = dataclasses.replace(train.sd35(train.Config()), model="no/such-model", out=str(tmp_path / "run"))
+    start = time.perf_counter()
+    with pytest.raises(sd3.LoadError, match="--model") as err:
+        train.main(cfg)
+    assert time.perf_counter() - start < 10, "a failed load must not retry the hub for a minute"
+    assert "no/such-model" in str(err.value) and not os.path.exists(cfg.out)

@@ -1,22 +1,20 @@
 """The toy text-to-image world: prompts, a procedural renderer, a GenEval-like detector and a tiny SD3 base model.
 
-A miniature of text-to-image that keeps what the paper needs (METHOD.md §1, §3): text prompts over colours, shapes,
-counts and positions ("two red squares", "a blue circle left of a green triangle"); 16x16 RGB images whose
-composition (where the blobs are, how many, which colour) is low-frequency and so decided early in sampling, while
-shape (square corners, circle edges, triangle tips) is detail decided late; and a reward that judges prompt adherence
-softly, so one-step Tweedie estimates (blurry posterior means) get graded, not all-or-nothing, scores.
-The model is a small diffusers SD3Transformer2DModel plus a learned token-embedding text encoder, pretrained here by
-flow matching on freshly rendered pairs and cached on disk; the world's latent is the image itself.
+It keeps what the paper needs (METHOD.md §1, §3): text prompts over colours, shapes, counts and positions ("two red
+squares", "a blue circle left of a green triangle"); 16x16 RGB images whose composition (where the blobs are, how
+many, which colour) is low-frequency, so decided early in sampling, while shape (corners, edges, tips) is detail
+decided late; and a reward judging prompt adherence softly, so blurry one-step Tweedie estimates get graded scores.
+The model: a small diffusers SD3Transformer2DModel and a token-embedding text encoder, pretrained by flow matching
+on freshly rendered pairs and cached on disk. The world's latent is the image itself.
 
-Notation: x0 clean image in [-1, 1] (B, 3, H, W); x1 ~ N(0, I) noise; x_t = (1 - t) x0 + t x1; v ~ x1 - x0; the
-transformer's timestep is 1000 t; c the prompt, "" the empty prompt used for classifier-free guidance.
+Notation: x0 clean image in [-1, 1] (B, 3, H, W); x1 ~ N(0, I); x_t = (1 - t) x0 + t x1; v ~ x1 - x0; timestep = 1000 t.
 
-Choices (where the paper has nothing to say):
+Choices (the paper has nothing to say here):
 1. t ~ U(0, 1) in pretraining, not SD3's logit-normal: the sampler (shift 3) and the Tweedie rewards visit every
-   level from t = 1 to t ~ 0.01, and this tiny model has no spare capacity to favour the middle.
-2. The base model is deliberately undertrained (held-out GenEval-like score < 0.5 at guidance 1) so RL has room.
-3. The reward is a product of soft per-criterion scores (colour amount, count, shape, position, purity), GenEval's
-   "all must hold" made continuous, so that groups of samples rarely tie.
+   level from t = 1 to t ~ 0.01, and this tiny model has no capacity to spare for favouring the middle.
+2. The base model is deliberately undertrained (held-out score ~0.25 at guidance 1) so RL has room.
+3. The reward multiplies soft criteria (colour amount, count, shape, position, purity), GenEval's "all must hold"
+   made continuous so that groups rarely tie; two objects share credit, and a wrong shape only halves an object's.
 """
 import hashlib
 import json
@@ -35,33 +33,23 @@ RES = 16            # image side in pixels
 SUPERSAMPLE = 4     # render at 4x and average down, so edges are anti-aliased like real images
 PALETTE = {"red": (0.9, 0.15, 0.15), "green": (0.15, 0.75, 0.2), "blue": (0.2, 0.3, 0.95), "yellow": (0.95, 0.85, 0.15)}
 BACKGROUND = (0.1, 0.1, 0.1)
-SHAPES = ("square", "circle", "triangle")
-AREA_FACTOR = {"square": 1.0, "circle": math.pi / 4, "triangle": 0.5}   # object area / size^2
-# blob area / bounding-box area and vertical skew of each shape, measured on 16x16 renders (spread about 0.07, 0.03)
-FILL = {"square": 0.99, "circle": 0.80, "triangle": 0.62}
-SKEW = {"square": 0.0, "circle": 0.0, "triangle": 0.126}
+# per shape: area / size^2, then the blob's fill (area / bounding box) and skew measured on renders (spread .07, .03)
+SHAPES = {"square": (1.0, 0.99, 0.0), "circle": (math.pi / 4, 0.80, 0.0), "triangle": (0.5, 0.62, 0.126)}
 SIZE = (5.0, 7.0)   # object side / diameter in pixels, uniform
 NUMBERS = {1: "a", 2: "two", 3: "three"}
 RELATIONS = ("left of", "above")
 MAX_TOKENS = 8
 
 
-class Obj(NamedTuple):
-    colour: str
-    shape: str
-    count: int
-
-
-class Spec(NamedTuple):
-    objects: tuple[Obj, ...]
-    relation: str | None  # how objects[0] sits relative to objects[1]
+Obj = NamedTuple("Obj", [("colour", str), ("shape", str), ("count", int)])
+Spec = NamedTuple("Spec", [("objects", tuple), ("relation", str | None)])  # relation: objects[0] to objects[1]
 
 
 def prompt_of(spec: Spec) -> str:
-    o = spec.objects
-    if spec.relation is None:
-        return f"{NUMBERS[o[0].count]} {o[0].colour} {o[0].shape}{'s' if o[0].count > 1 else ''}"
-    return f"a {o[0].colour} {o[0].shape} {spec.relation} a {o[1].colour} {o[1].shape}"
+    (a, *b), rel = spec
+    if rel:
+        return f"a {a.colour} {a.shape} {rel} a {b[0].colour} {b[0].shape}"
+    return f"{NUMBERS[a.count]} {a.colour} {a.shape}{'s' if a.count > 1 else ''}"
 
 
 def _all_specs() -> tuple[list[Spec], list[Spec]]:
@@ -73,14 +61,13 @@ def _all_specs() -> tuple[list[Spec], list[Spec]]:
 
 
 def _split(holdout: float = 0.2, seed: int = 0) -> tuple[list[str], list[str]]:
-    """Every 5th prompt of a seeded shuffle is held out, per template, so held-out prompts are unseen combinations."""
+    """A seeded shuffle's first `holdout` of each template is held out: unseen combinations of seen words."""
     train, held = [], []
     for specs in _all_specs():
         prompts = sorted(prompt_of(s) for s in specs)
         random.Random(seed).shuffle(prompts)
         k = round(len(prompts) * holdout)
-        held += prompts[:k]
-        train += prompts[k:]
+        train, held = train + prompts[k:], held + prompts[:k]
     return train, held
 
 
@@ -90,33 +77,25 @@ VOCAB = ["<pad>"] + sorted({w for p in _SPECS for w in p.split()})
 
 
 def parse(prompt: str) -> Spec:
-    spec = _SPECS.get(" ".join(prompt.lower().split()))
-    if spec is None:
-        raise ValueError(f"prompt {prompt!r} is not in the toy grammar; examples: {TRAIN_PROMPTS[:3]} "
-                         f"(counts a/two/three, colours {list(PALETTE)}, shapes {list(SHAPES)}, relations {list(RELATIONS)})")
+    if (spec := _SPECS.get(" ".join(prompt.lower().split()))) is None:
+        raise ValueError(f"prompt {prompt!r} is not in the toy grammar (counts a/two/three, colours {list(PALETTE)}, "
+                         f"shapes {list(SHAPES)}, relations {list(RELATIONS)}); examples: {TRAIN_PROMPTS[:3]}")
     return spec
 
 
 # ---- rendering -------------------------------------------------------------------------------------------------
-
-def _fits(new: tuple[float, float, float], placed: list[tuple[float, float, float]], relation: str | None) -> bool:
-    """Whether an object (cx, cy, size) keeps a free pixel to every placed one and, if second, obeys the relation."""
-    gap = lambda p, q, a: q[a] - p[a] - (p[2] + q[2]) / 2  # free pixels from p to q along axis a (0: x, 1: y)
-    if any(max(gap(p, new, 0), gap(new, p, 0), gap(p, new, 1), gap(new, p, 1)) < 1 for p in placed):
-        return False  # closer than one free pixel, two objects would merge into one blob
-    # image rows grow downwards, so "above" means a smaller y
-    return relation is None or gap(placed[0], new, 0 if relation == "left of" else 1) >= 1
-
-
 def _layout(spec: Spec, rng: random.Random) -> list[tuple[str, str, float, float, float]]:
     """(colour, shape, cx, cy, size) of every object: jittered sizes and positions, no overlaps, relation held."""
     objs = [(o.colour, o.shape) for o in spec.objects for _ in range(o.count)]
-    placed = []
-    while len(placed) < len(objs):  # place one object at a time; start over if one cannot be placed
+    gap = lambda p, q, a: q[a] - p[a] - (p[2] + q[2]) / 2  # free pixels from p to q along axis a (0: x, 1: y)
+    placed, axis = [], 0 if spec.relation == "left of" else 1  # image rows grow downwards: "above" is a smaller y
+    while len(placed) < len(objs):  # place one object at a time; start over when one finds no room
         for _ in range(20):
             s = rng.uniform(*SIZE)
             new = (rng.uniform(s / 2, RES - s / 2), rng.uniform(s / 2, RES - s / 2), s)
-            if _fits(new, placed, spec.relation if placed else None):
+            # keep a free pixel to every placed object (else two blobs merge into one), and obey the relation
+            if all(max(gap(p, new, 0), gap(new, p, 0), gap(p, new, 1), gap(new, p, 1)) >= 1 for p in placed) and (
+                    spec.relation is None or not placed or gap(placed[0], new, axis) >= 1):
                 placed.append(new)
                 break
         else:
@@ -126,49 +105,36 @@ def _layout(spec: Spec, rng: random.Random) -> list[tuple[str, str, float, float
 
 def _masks(shape: torch.Tensor, cx: torch.Tensor, cy: torch.Tensor, size: torch.Tensor) -> torch.Tensor:
     """(N, RES*SUPERSAMPLE, RES*SUPERSAMPLE) coverage of N objects; shape indexes SHAPES."""
-    g = (torch.arange(RES * SUPERSAMPLE) + 0.5) / SUPERSAMPLE
-    r = (size / 2).view(-1, 1, 1)
+    g, r, shape = (torch.arange(RES * SUPERSAMPLE) + 0.5) / SUPERSAMPLE, (size / 2).view(-1, 1, 1), shape.view(-1, 1, 1)
     y, x = g.view(1, -1, 1) - cy.view(-1, 1, 1), g.view(1, 1, -1) - cx.view(-1, 1, 1)
-    square = (x.abs() <= r) & (y.abs() <= r)
-    circle = x ** 2 + y ** 2 <= r ** 2
+    square, circle = (x.abs() <= r) & (y.abs() <= r), x ** 2 + y ** 2 <= r ** 2
     triangle = (y.abs() <= r) & (x.abs() <= (y + r) / 2)  # pointing up: half-width grows from 0 at the tip to r
-    shape = shape.view(-1, 1, 1)
     return torch.where(shape == 0, square, torch.where(shape == 1, circle, triangle)).float()
 
 
 def render_batch(prompts: list[str], rng: random.Random) -> torch.Tensor:
     """(B, 3, RES, RES) images in [0, 1] drawing the prompts; object colours jitter by +-0.05 per channel."""
-    objs = [(b, *o) for b, p in enumerate(prompts) for o in _layout(parse(p), rng)]
-    b, colour, shape, cx, cy, size = zip(*objs)
-    masks = _masks(torch.tensor([SHAPES.index(s) for s in shape]), torch.tensor(cx), torch.tensor(cy), torch.tensor(size))
-    rgb = torch.tensor([PALETTE[c] for c in colour]) + torch.tensor([[rng.uniform(-0.05, 0.05) for _ in range(3)]
-                                                                        for _ in colour])
+    b, colour, shape, cx, cy, size = zip(*[(b, *o) for b, p in enumerate(prompts) for o in _layout(parse(p), rng)])
+    masks = _masks(torch.tensor([list(SHAPES).index(s) for s in shape]), *map(torch.tensor, (cx, cy, size)))
+    rgb = torch.tensor([[v + rng.uniform(-0.05, 0.05) for v in PALETTE[c]] for c in colour])
     # objects never overlap (_layout keeps a free pixel between them), so painting is a sum over objects
     delta = masks[:, None] * (rgb.clamp(0, 1) - torch.tensor(BACKGROUND))[:, :, None, None]
     img = torch.tensor(BACKGROUND).view(1, 3, 1, 1).repeat(len(prompts), 1, RES * SUPERSAMPLE, RES * SUPERSAMPLE)
-    img.index_add_(0, torch.tensor(b), delta)
-    return F.avg_pool2d(img, SUPERSAMPLE)
+    return F.avg_pool2d(img.index_add(0, torch.tensor(b), delta), SUPERSAMPLE)
 
 
 # ---- the GenEval-like detector (the reward) ----------------------------------------------------------------------
-
 def colour_masks(images: torch.Tensor, tau: float = 0.12, outlier: float = 0.3) -> torch.Tensor:
-    """(B, K, H, W) soft membership of each pixel in each of the K palette colours.
-
-    A softmax over the palette, the background and an "outlier" class at fixed distance `outlier`: a blurry pixel
-    halfway between red and the background is half red, and a colour far from everything counts for nothing.
-    """
+    """(B, K, H, W) soft membership of pixels in the K palette colours: a softmax over palette, background and an
+    "outlier" class at distance `outlier`, so a pixel halfway to the background is half red; a stray colour, nothing."""
     protos = torch.tensor([*PALETTE.values(), BACKGROUND], device=images.device)       # (K+1, 3)
     d2 = (images[:, None] - protos[None, :, :, None, None]).square().sum(2)           # (B, K+1, H, W)
-    logits = torch.cat([-d2, torch.full_like(d2[:, :1], -outlier ** 2)], 1) / (2 * tau ** 2)
-    return logits.softmax(1)[:, :len(PALETTE)]
+    return (torch.cat([-d2, torch.full_like(d2[:, :1], -outlier ** 2)], 1) / (2 * tau ** 2)).softmax(1)[:, :-2]
 
 
-def components(mask: torch.Tensor, min_area: int = 2) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Area, fill ratio (area / bounding-box area) and skew of the 4-connected blobs of N boolean masks (N, H, W).
-
-    Returns (N, 3) each, the three largest blobs first (missing ones: area 0); specks under min_area are dropped.
-    """
+def components(mask: torch.Tensor, min_area: int = 5) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Area, fill ratio (area / bounding-box area) and skew of the 3 largest 4-connected blobs of N boolean masks
+    (N, H, W) -> (N, 3) each; missing blobs and specks under min_area have area 0."""
     N, H, W = mask.shape
     ids = torch.arange(1, H * W + 1, device=mask.device).view(1, H, W)
     lab, m = torch.where(mask, ids, 0).float(), mask.float()  # float: faster than long, and ids <= H*W are exact
@@ -178,19 +144,16 @@ def components(mask: torch.Tensor, min_area: int = 2) -> tuple[torch.Tensor, tor
         if torch.equal(new, lab):
             break
         lab = new
-    lab = lab.long()
-    lab = lab.view(N, -1)
+    lab = lab.long().view(N, -1)
     ys, xs = (ids.view(-1) - 1).div(W, rounding_mode="floor"), (ids.view(-1) - 1) % W
     stat = lambda v, how, init: torch.full((N, H * W + 1), init, device=mask.device).scatter_reduce(
         1, lab, v.expand(N, -1).to(torch.long), how)
-    area = stat(torch.ones_like(ys), "sum", 0)
-    y0, y1 = stat(ys, "amin", H), stat(ys, "amax", -1)
+    area, y0, y1 = stat(torch.ones_like(ys), "sum", 0), stat(ys, "amin", H), stat(ys, "amax", -1)
     box = (y1 - y0 + 1) * (stat(xs, "amax", -1) - stat(xs, "amin", W) + 1)
     # a triangle pointing up holds its mass low in its box: (mean row - box centre) / box height ~ 1/6; 0 if symmetric
     skew = (stat(ys, "sum", 0) / area.clamp(min=1) - (y0 + y1) / 2) / (y1 - y0 + 1).clamp(min=1)
     area[:, 0] = 0  # label 0 is the background
-    area = torch.where(area >= min_area, area, 0)
-    top, idx = area.topk(3, 1)
+    top, idx = torch.where(area >= min_area, area, 0).topk(3, 1)
     return top.float(), top / box.gather(1, idx).clamp(min=1), skew.gather(1, idx)
 
 
@@ -201,45 +164,35 @@ def _targets(prompts: list[str], device) -> dict[str, torch.Tensor]:
     t = lambda f: torch.tensor([[f(o) for o in r] for r in rows], device=device)
     mean_size2 = (SIZE[0] ** 2 + SIZE[0] * SIZE[1] + SIZE[1] ** 2) / 3  # E[size^2] under the uniform size law
     return dict(colour=t(lambda o: list(PALETTE).index(o.colour)), count=t(lambda o: o.count),
-                area=t(lambda o: AREA_FACTOR[o.shape] * mean_size2), fill=t(lambda o: FILL[o.shape]),
-                skew=t(lambda o: SKEW[o.shape]),
-                relation=torch.tensor([RELATIONS.index(s.relation) + 1 if s.relation else 0 for s in specs], device=device))
-
-
-def _band(d: torch.Tensor, tol: float) -> torch.Tensor:
-    """1 while |d| <= tol (the spread of correct renders), then a Gaussian decay of width tol."""
-    return torch.exp(-0.5 * ((d.abs() - tol).clamp(min=0) / tol) ** 2)
+                area=t(lambda o: SHAPES[o.shape][0] * mean_size2), fill=t(lambda o: SHAPES[o.shape][1]),
+                skew=t(lambda o: SHAPES[o.shape][2]),  # relation: 0 none, 1 "left of", 2 "above"
+                relation=torch.tensor([RELATIONS.index(s.relation) + 1 if s.relation else 0 for s in specs]).to(device))
 
 
 def geneval_score(images: torch.Tensor, prompts: list[str]) -> torch.Tensor:
-    """(B,) float32 in [0, 1]: how well images (B, 3, H, W) in [0, 1] show their prompts, GenEval-like but soft.
-
-    Product over the prompt's objects of colour amount x count x shape, times position (relational prompts) and
-    purity (share of the coloured mass in the prompt's colours). Each factor is continuous in the pixels, so blurry
-    Tweedie estimates get partial credit and samples of a group rarely tie.
-    """
-    tg = _targets(prompts, images.device)
-    B, K = images.shape[0], len(PALETTE)
+    """(B,) float32 in [0, 1]: how well images (B, 3, H, W) in [0, 1] show their prompts, GenEval-like but soft:
+    mean over the prompt's objects of colour x count x shape, times position and purity. Every factor is continuous
+    in the pixels, so blurry Tweedie estimates get partial credit and samples of a group rarely tie."""
+    tg, B, K = _targets(prompts, images.device), images.shape[0], len(PALETTE)
     soft = colour_masks(images.float())                                                 # (B, K, H, W)
     area, fill, skew = (v.view(B, K, 3) for v in components(soft.flatten(0, 1) > 0.5))
     pick = lambda v: v.gather(1, tg["colour"][..., None].expand(-1, -1, v.shape[-1]))  # rows of the prompt's colours
     mass = soft.sum((2, 3))                                                              # (B, K)
-    n = tg["count"].float()                                                              # (B, 2)
+    n, present = tg["count"].float(), tg["count"] > 0                                  # (B, 2): asked objects
     # colour: the right amount of the colour, with a band for the size jitter (ratio 0.6 .. 1.6 scores 1)
     ratio = mass.gather(1, tg["colour"]) / (n * tg["area"]).clamp(min=1e-6)
     colour = torch.minimum(ratio / 0.6, 1.6 / ratio.clamp(min=1e-6)).clamp(max=1)
     # count: blobs of the colour versus the asked number, one factor e per miscounted object
     count = torch.exp(-((pick(area) > 0).sum(-1) - n).abs())
     # shape: fill ratio and skew of the n largest blobs versus the shape's (a missing blob scores 0)
-    rank_ok = torch.arange(3, device=images.device) < n[..., None]
-    like = _band(pick(fill) - tg["fill"][..., None], 0.08) * _band(pick(skew) - tg["skew"][..., None], 0.04)
-    shape = (like * (pick(area) > 0) * rank_ok).sum(-1) / n.clamp(min=1)
-    present = n > 0
-    objects = torch.where(present, colour * count * shape, 1).prod(1)
+    band = lambda d, tol: torch.exp(-0.5 * ((d.abs() - tol).clamp(min=0) / tol) ** 2)  # 1 within tol, then decays
+    like = band(pick(fill) - tg["fill"][..., None], 0.08) * band(pick(skew) - tg["skew"][..., None], 0.04)
+    shape = (like * (pick(area) > 0) * (torch.arange(3, device=n.device) < n[..., None])).sum(-1) / n.clamp(min=1)
+    # an object needs its colour and count; a wrong shape (detail, decided last) halves its credit; objects share
+    objects = (colour * count * (0.5 + 0.5 * shape) * present).sum(1) / present.sum(1)
     # position: mass centroids of the two colours, a sigmoid of their separation in pixels
-    H, W = images.shape[-2:]
-    cy = (soft * torch.arange(H, device=images.device).view(1, 1, H, 1)).sum((2, 3)) / (mass + 1e-6)
-    cx = (soft * torch.arange(W, device=images.device).view(1, 1, 1, W)).sum((2, 3)) / (mass + 1e-6)
+    grid = torch.arange(images.shape[-1], device=images.device, dtype=torch.float32)
+    cy, cx = ((soft * g).sum((2, 3)) / (mass + 1e-6) for g in (grid.view(-1, 1), grid))  # (B, K) each
     centre = torch.where((tg["relation"] == 2)[:, None], cy, cx).gather(1, tg["colour"])  # (B, 2)
     position = torch.where(tg["relation"] > 0, torch.sigmoid(centre[:, 1] - centre[:, 0]), 1)
     # purity: coloured mass outside the prompt's colours (extra objects) costs in proportion
@@ -249,68 +202,56 @@ def geneval_score(images: torch.Tensor, prompts: list[str]) -> torch.Tensor:
 
 
 # ---- the base model: a tiny SD3 transformer and a token-embedding text encoder, pretrained by flow matching ----
-
-MODEL = dict(sample_size=RES, patch_size=2, in_channels=3, out_channels=3, num_layers=4, attention_head_dim=16,
+MODEL = dict(sample_size=RES, patch_size=4, in_channels=3, out_channels=3, num_layers=4, attention_head_dim=16,
              num_attention_heads=4, joint_attention_dim=32, caption_projection_dim=64, pooled_projection_dim=32,
-             pos_embed_max_size=RES // 2)
-PRETRAIN = dict(batch=64, lr=2e-3, warmup=50, drop=0.1, version=1)  # drop: share of empty prompts, so CFG has an unconditional
+             pos_embed_max_size=RES // 4)
+PRETRAIN = dict(batch=64, lr=2e-3, warmup=50, drop=0.1, version=1)  # drop: share of empty prompts (CFG's unconditional)
 
 
 class TextEncoder(torch.nn.Module):
-    """Token + position embeddings -> encoder_hidden_states (B, L, D); their mean over tokens is the pooled (B, D)."""
+    """Token + position embeddings -> encoder_hidden_states (B, L, D); their mean over tokens is the pooled (B, D).
+    Prompts are padded to MAX_TOKENS; the empty prompt is all padding (the unconditional input of CFG)."""
 
-    def __init__(self, dim: int = 32):
+    def __init__(self, dim: int):
         super().__init__()
-        self.tok = torch.nn.Embedding(len(VOCAB), dim)
-        self.pos = torch.nn.Parameter(torch.zeros(MAX_TOKENS, dim))
+        self.tok, self.pos = torch.nn.Embedding(len(VOCAB), dim), torch.nn.Parameter(torch.zeros(MAX_TOKENS, dim))
 
     def forward(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
-        ids = torch.tensor([tokenize(p) for p in prompts], device=self.pos.device)    # (B, L)
-        e = self.tok(ids)
+        for p in filter(None, prompts):
+            parse(p)  # a prompt outside the toy grammar fails here, by name
+        ids = [[VOCAB.index(w) for w in p.lower().split()] for p in prompts]
+        e = self.tok(torch.tensor([i + [0] * (MAX_TOKENS - len(i)) for i in ids], device=self.pos.device))  # (B, L, D)
         return e + self.pos, e.mean(1)
-
-
-def tokenize(prompt: str) -> list[int]:
-    """MAX_TOKENS ids, padded; the empty prompt is all padding (the unconditional input)."""
-    words = prompt.lower().split()
-    if len(words) > MAX_TOKENS or any(w not in VOCAB for w in words):
-        parse(prompt)  # raises the error that names the prompt and the grammar
-    return [VOCAB.index(w) for w in words] + [0] * (MAX_TOKENS - len(words))
 
 
 def flow_matching_loss(transformer, text, x0: torch.Tensor, prompts: list[str], gen: torch.Generator) -> torch.Tensor:
     """||v_theta(x_t, t, c) - (x1 - x0)||^2 at t ~ U(0, 1) (choice 1 of the docstring)."""
-    x1 = torch.randn(x0.shape, generator=gen, device=x0.device)
-    t = torch.rand(x0.shape[0], generator=gen, device=x0.device)
+    x1, t = torch.randn(x0.shape, generator=gen, device=x0.device), torch.rand(len(x0), generator=gen, device=x0.device)
     xt = (1 - t.view(-1, 1, 1, 1)) * x0 + t.view(-1, 1, 1, 1) * x1
-    emb, pooled = text(prompts)
-    v = transformer(xt, emb, pooled, 1000 * t).sample
-    return (v - (x1 - x0)).square().mean()
+    return (transformer(xt, *text(prompts), 1000 * t).sample - (x1 - x0)).square().mean()
 
 
 def pretrain(transformer, text, steps: int, seed: int, device) -> None:
     """Flow matching on freshly rendered (train prompt, image) pairs; PRETRAIN['drop'] of prompts emptied for CFG."""
     rng, gen = random.Random(seed), torch.Generator(device).manual_seed(seed)
-    params = [*transformer.parameters(), *text.parameters()]
-    opt = torch.optim.AdamW(params, lr=PRETRAIN["lr"], weight_decay=0.0)
+    opt = torch.optim.AdamW([*transformer.parameters(), *text.parameters()], lr=PRETRAIN["lr"], weight_decay=0.0)
     # warmup, then cosine decay to 0: the last, small steps average out the noise of short training (like an EMA)
-    schedule = lambda i: min(1, (i + 1) / PRETRAIN["warmup"]) * 0.5 * (1 + math.cos(math.pi * i / steps))
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, schedule)
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda i: min(1, (i + 1) / PRETRAIN["warmup"]) * 0.5 * (1 + math.cos(math.pi * i / steps)))
     bar = tqdm(range(steps), desc="pretraining the toy base model", leave=False)
     for _ in bar:
         prompts = rng.choices(TRAIN_PROMPTS, k=PRETRAIN["batch"])
         x0 = render_batch(prompts, rng).to(device) * 2 - 1
         prompts = [p if rng.random() >= PRETRAIN["drop"] else "" for p in prompts]
         loss = flow_matching_loss(transformer, text, x0, prompts, gen)
-        opt.zero_grad(set_to_none=True)
         loss.backward()
-        opt.step()
-        sched.step()
+        opt.step(), sched.step()
+        opt.zero_grad(set_to_none=True)  # after the step, so the frozen base keeps no stale .grad
         bar.set_postfix(loss=f"{loss.item():.4f}")
 
 
 DEFAULT_CACHE = Path(__file__).resolve().parent / ".cache" / "toy"
-DEFAULT_PRETRAIN_STEPS = 600
+DEFAULT_PRETRAIN_STEPS = 1200
 
 
 class ToyWorld:
@@ -320,45 +261,38 @@ class ToyWorld:
     latent_shape = (3, RES, RES)
     train_prompts, eval_prompts = TRAIN_PROMPTS, EVAL_PROMPTS
 
-    def __init__(self, device="cpu", cache_dir=DEFAULT_CACHE, pretrain_steps: int = DEFAULT_PRETRAIN_STEPS, seed: int = 0):
+    def __init__(self, device="cpu", cache_dir=DEFAULT_CACHE, pretrain_steps=DEFAULT_PRETRAIN_STEPS, seed=0):
         self.device = torch.device(device)
         with torch.random.fork_rng(devices=[]):  # initialise from the seed without touching the caller's RNG
             torch.manual_seed(seed)
-            self.transformer, self.text = SD3Transformer2DModel(**MODEL), TextEncoder(MODEL["joint_attention_dim"])
-        self.transformer.to(self.device), self.text.to(self.device)
+            self.transformer = SD3Transformer2DModel(**MODEL).to(self.device)
+            self.text = TextEncoder(MODEL["joint_attention_dim"]).to(self.device)
         key = json.dumps(dict(model=MODEL, pretrain=PRETRAIN, steps=pretrain_steps, seed=seed, vocab=VOCAB,
                               train=TRAIN_PROMPTS, palette=PALETTE, size=SIZE), sort_keys=True)
         self.cache_path = Path(cache_dir) / f"toy_{hashlib.sha256(key.encode()).hexdigest()[:16]}.safetensors"
-        modules = dict(transformer=self.transformer, text=self.text)
+        both = torch.nn.ModuleDict(dict(transformer=self.transformer, text=self.text))  # one state dict, one file
         if self.cache_path.exists():
-            state = load_file(self.cache_path, device=str(self.device))
-            for name, m in modules.items():
-                m.load_state_dict({k.split(".", 1)[1]: v for k, v in state.items() if k.split(".", 1)[0] == name})
+            both.load_state_dict(load_file(self.cache_path, device=str(self.device)))
         else:
             pretrain(self.transformer, self.text, pretrain_steps, seed, self.device)
             self.cache_path.parent.mkdir(parents=True, exist_ok=True)
-            state = {f"{name}.{k}": v.contiguous().cpu() for name, m in modules.items() for k, v in m.state_dict().items()}
             tmp = self.cache_path.with_suffix(f".{id(self)}.tmp")  # write, then rename: no reader sees half a file
-            save_file(state, tmp)
+            save_file({k: v.contiguous().cpu() for k, v in both.state_dict().items()}, tmp)
             tmp.replace(self.cache_path)
-        for m in (self.transformer, self.text):
-            m.requires_grad_(False).eval()
+        both.requires_grad_(False).eval()
 
     @torch.no_grad()
     def encode(self, prompts: list[str]) -> dict[str, torch.Tensor]:
-        emb, pooled = self.text(prompts)
-        neg_emb, neg_pooled = self.text([""] * len(prompts))
+        (emb, pooled), (neg_emb, neg_pooled) = self.text(prompts), self.text([""] * len(prompts))
         return dict(prompt_embeds=emb, pooled=pooled, neg_prompt_embeds=neg_emb, neg_pooled=neg_pooled)
 
-    def velocity(self, x: torch.Tensor, t: torch.Tensor, cond: dict[str, torch.Tensor], guidance: float) -> torch.Tensor:
-        dtype = self.transformer.dtype
+    def velocity(self, x: torch.Tensor, t: torch.Tensor, cond: dict, guidance: float) -> torch.Tensor:
+        x = x.to(self.transformer.dtype)
         if guidance == 1:
-            v = self.transformer(x.to(dtype), cond["prompt_embeds"], cond["pooled"], 1000 * t).sample
-            return v.float()
+            return self.transformer(x, cond["prompt_embeds"], cond["pooled"], 1000 * t).sample.float()
         # one doubled batch [unconditional; conditional], so the batch composition never depends on the caller
-        emb = torch.cat([cond["neg_prompt_embeds"], cond["prompt_embeds"]])
-        pooled = torch.cat([cond["neg_pooled"], cond["pooled"]])
-        v_u, v_c = self.transformer(x.to(dtype).repeat(2, 1, 1, 1), emb, pooled, 1000 * t.repeat(2)).sample.float().chunk(2)
+        emb, pooled = (torch.cat([cond[f"neg_{k}"], cond[k]]) for k in ("prompt_embeds", "pooled"))
+        v_u, v_c = self.transformer(x.repeat(2, 1, 1, 1), emb, pooled, 1000 * t.repeat(2)).sample.float().chunk(2)
         return v_u + guidance * (v_c - v_u)
 
     def decode(self, x0: torch.Tensor) -> torch.Tensor:
