@@ -7,7 +7,7 @@ Run: python -m pytest -q   (slow end-to-end runs: python -m pytest -q -m slow)
 """
 import os
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing can be downloaded here; fail at once instead of retrying
+os.environ["HF_HUB_OFFLINE"] = "1"  # nothing can be downloaded here; fail at once instead of retrying
 
 import math
 
@@ -343,7 +343,7 @@ def test_non_finite_losses_skip_updates_then_stop_the_run_with_a_checkpoint(tmp_
 
 @pytest.mark.parametrize("flag,value,match", [
     ("group_size", 1, "--group-size=1 is invalid: must be >= 2"),
-    ("eta", 1.5, "--eta: eta=1.5 makes sigma reach s"),
+    ("eta", 5.0, "--eta: eta=5.0 makes sigma reach s"),
     ("reward", "hps", "--reward='hps' is invalid: must be one of"),
     ("lr", 0.0, "--lr=0.0 is invalid: must be > 0"),
     ("prompts", "/no/such/file.txt", "--prompts='/no/such/file.txt' is invalid"),
@@ -368,3 +368,542 @@ def test_flags_override_the_preset_and_unknown_flags_are_named(capsys):
         train.parse_args(["--group-sise", "4"])
     assert "--group-sise" in capsys.readouterr().err
     assert train.parse_args(["--model", "some/sd3"]).reward == "pickscore", "an SD3 model takes the sd35 preset"
+
+
+# ----------------------------------------------------------------------------------------------------------- toy.py
+import random
+import time
+
+import pytest
+import torch
+
+import toy
+
+
+@pytest.fixture(scope="module")
+def toy_world(tmp_path_factory):
+    return toy.ToyWorld("cpu", tmp_path_factory.mktemp("toy_cache"), pretrain_steps=20)
+
+
+def render(prompt: str, n: int = 32, seed: int = 0) -> torch.Tensor:
+    return toy.render_batch([prompt] * n, random.Random(seed))
+
+
+def test_prompts_are_at_least_100_distinct_with_disjoint_splits():
+    """The toy grammar gives >= 100 prompts; about 20% are held out and never trained on."""
+    train, held = set(toy.TRAIN_PROMPTS), set(toy.EVAL_PROMPTS)
+    assert len(train | held) >= 100 and len(train) == len(toy.TRAIN_PROMPTS) and len(held) == len(toy.EVAL_PROMPTS)
+    assert not train & held, "a held-out prompt leaks into training"
+    assert 0.15 < len(held) / len(train | held) < 0.25
+    assert toy._split() == (toy.TRAIN_PROMPTS, toy.EVAL_PROMPTS), "the split is not deterministic"
+
+
+def test_parse_reads_every_prompt_and_rejects_a_foreign_one_by_name():
+    """parse inverts prompt_of on the whole grammar and names a prompt outside it."""
+    for p in toy.TRAIN_PROMPTS + toy.EVAL_PROMPTS:
+        assert toy.prompt_of(toy.parse(p)) == p
+    for bad in ["a photo of a cat", "a red square left of a red circle", "four red squares"]:
+        with pytest.raises(ValueError, match=bad):
+            toy.parse(bad)
+
+
+def test_detector_scores_correct_renders_near_one():
+    """Ground-truth renders of the held-out prompts score near 1 on average."""
+    prompts = toy.EVAL_PROMPTS * 4
+    s = toy.geneval_score(toy.render_batch(prompts, random.Random(0)), prompts)
+    assert s.dtype == torch.float32 and s.shape == (len(prompts),) and 0 <= s.min() and s.max() <= 1
+    assert s.mean() > 0.85, f"correct renders score only {s.mean():.3f}: the detector is miscalibrated"
+
+
+@pytest.mark.parametrize("truth, asked, most", [
+    ("two red squares", "three red squares", 0.5),                             # count
+    ("two red squares", "two blue squares", 0.5),                              # colour
+    ("a green triangle left of a yellow circle", "a yellow circle left of a green triangle", 0.5),  # position
+    ("a blue circle", "a blue square", 0.75),                                  # shape: a wrong one halves the credit
+    ("a red triangle above a blue square", "a red circle above a blue square", 0.85),  # ... of one object of two
+])
+def test_detector_scores_mismatched_renders_clearly_lower(truth, asked, most):
+    """Renders of one prompt scored against a prompt differing in one attribute score clearly lower."""
+    x = render(truth)
+    right, wrong = toy.geneval_score(x, [truth] * len(x)).mean(), toy.geneval_score(x, [asked] * len(x)).mean()
+    assert wrong < most * right, f"{truth!r} scored {wrong:.3f} as {asked!r} vs {right:.3f}: attribute not checked"
+
+
+def test_detector_gives_graded_scores_on_blurry_images():
+    """Blurred renders (like early Tweedie estimates) get partial, untied credit between 0 and the sharp score."""
+    prompt = "two yellow circles"
+    x = render(prompt, n=64)
+    blurred = [torch.nn.functional.avg_pool2d(x, k, 1, k // 2, count_include_pad=False)[..., :16, :16] for k in (2, 3)]
+    means = [toy.geneval_score(b, [prompt] * 64).mean() for b in [x, *blurred]]
+    assert means[0] > means[1] > means[2] > 0.01, f"scores {means} are not graded by sharpness"
+    assert len(set(toy.geneval_score(blurred[0], [prompt] * 64).tolist())) > 32, "rewards tie within a group"
+
+
+def test_world_has_the_world_contract(toy_world):
+    """Shapes, frozen weights and the fields train.py reads."""
+    assert toy_world.latent_shape == (3, 16, 16) and toy_world.default_guidance == 1.0
+    assert toy_world.eval_prompts == toy.EVAL_PROMPTS and toy_world.train_prompts == toy.TRAIN_PROMPTS
+    assert not any(p.requires_grad for p in toy_world.transformer.parameters()), "base weights must be frozen"
+    cond = toy_world.encode(toy_world.eval_prompts[:3])
+    x, t = torch.randn(3, *toy_world.latent_shape), torch.rand(3)
+    v = toy_world.velocity(x, t, cond, 1.0)
+    assert v.shape == x.shape and v.dtype == torch.float32
+    img = toy_world.decode(x)
+    assert img.min() >= 0 and img.max() <= 1
+
+
+def test_cache_round_trips_to_the_same_velocity(toy_world, tmp_path):
+    """A second construction loads the cached weights (text embeddings included) and gives the identical velocity."""
+    start = time.perf_counter()
+    again = toy.ToyWorld("cpu", toy_world.cache_path.parent, pretrain_steps=20)
+    assert time.perf_counter() - start < 5, "the second construction pretrained again instead of loading the cache"
+    prompts = toy_world.eval_prompts[:4]
+    x, t = torch.randn(4, *toy_world.latent_shape), torch.rand(4)
+    with torch.no_grad():
+        v, v_again = toy_world.velocity(x, t, toy_world.encode(prompts), 1.0), again.velocity(x, t, again.encode(prompts), 1.0)
+    assert torch.equal(v, v_again), "the cache lost weights (the text embeddings?)"
+    assert len(list(toy_world.cache_path.parent.glob("*.safetensors"))) == 1
+
+
+def test_velocity_with_guidance_is_the_cfg_combination(toy_world):
+    """velocity(g) = v_u + g (v_c - v_u), with v_u the empty prompt's velocity."""
+    prompts = toy_world.eval_prompts[:4]
+    cond, empty = toy_world.encode(prompts), toy_world.encode([""] * 4)
+    x, t = torch.randn(4, *toy_world.latent_shape), torch.rand(4)
+    with torch.no_grad():
+        v_c, v_u = toy_world.velocity(x, t, cond, 1.0), toy_world.velocity(x, t, empty, 1.0)
+        v_g = toy_world.velocity(x, t, cond, 3.0)
+    torch.testing.assert_close(v_g, v_u + 3.0 * (v_c - v_u), atol=1e-5, rtol=1e-4)
+
+
+def test_encode_rejects_a_prompt_outside_the_toy_grammar(toy_world):
+    """A --prompts file with a foreign prompt fails at encode, naming it."""
+    with pytest.raises(ValueError, match="a photo of a cat"):
+        toy_world.encode(["a photo of a cat"])
+
+
+def test_lora_gradient_reaches_the_adapter_only(tmp_path):
+    """With a peft LoRA adapter on the attention projections, backward through velocity reaches only LoRA weights."""
+    from peft import LoraConfig
+    w = toy.ToyWorld("cpu", tmp_path, pretrain_steps=2)
+    w.transformer.add_adapter(LoraConfig(r=8, lora_alpha=16, init_lora_weights="gaussian",
+                                         target_modules=["to_k", "to_q", "to_v", "to_out.0"]))
+    trainable = {n for n, p in w.transformer.named_parameters() if p.requires_grad}
+    assert trainable and all("lora" in n for n in trainable), "only the adapter may be trainable"
+    cond = w.encode(w.train_prompts[:2])
+    w.velocity(torch.randn(2, *w.latent_shape), torch.rand(2), cond, 2.0).square().mean().backward()
+    grads = {n for n, p in w.transformer.named_parameters() if p.grad is not None and p.grad.abs().sum() > 0}
+    assert grads and grads <= trainable, "the gradient missed the adapter or reached frozen weights"
+    assert any("lora_B" in n for n in grads)
+
+
+def euler_sample(toy_world, prompts, guidance, T=10, shift=3.0, seed=0):
+    s = torch.linspace(1, 0, T + 1)
+    sigmas = shift * s / (1 + (shift - 1) * s)  # SD3's shifted schedule (METHOD §1)
+    x = torch.randn(len(prompts), *toy_world.latent_shape, generator=torch.Generator().manual_seed(seed))
+    cond = toy_world.encode(prompts)
+    with torch.no_grad():
+        for t, s in zip(sigmas[:-1], sigmas[1:]):
+            x = x + (s - t) * toy_world.velocity(x, t.expand(len(prompts)), cond, guidance)
+    return toy_world.decode(x)
+
+
+@pytest.mark.slow
+def test_default_base_model_leaves_room_for_rl_and_improves_with_guidance(tmp_path):
+    """The default base scores 0.15-0.5 on held-out prompts at guidance 1 (T=10 Euler ODE), more at guidance 3."""
+    toy_world = toy.ToyWorld("cpu", tmp_path)
+    prompts = toy_world.eval_prompts * 6  # 300 samples
+    g1, g3 = (toy.geneval_score(euler_sample(toy_world, prompts, g), prompts).mean().item() for g in (1.0, 3.0))
+    assert 0.15 < g1 < 0.5, f"base held-out score {g1:.3f} at guidance 1: retune pretraining (steps, lr)"
+    assert g3 > g1, f"guidance 3 ({g3:.3f}) does not beat guidance 1 ({g1:.3f}): CFG dropout is broken"
+
+
+# ------------------------------------------------------------------------------------- sd3.py, rewards.py (SD3 path)
+import os
+
+
+import time
+import types
+from functools import partial
+
+import numpy as np
+import pytest
+import torch
+from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
+from PIL import Image
+from transformers import (CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor, CLIPTextConfig,
+                          CLIPTextModelWithProjection, CLIPTokenizer, T5Config, T5EncoderModel, T5Tokenizer)
+from transformers.convert_slow_tokenizer import bytes_to_unicode
+
+import rewards
+import sd3
+import sde
+
+PROMPTS = ["a photo of two red apples", "a blue bench left of a yellow dog"]
+
+
+# ---------------------------------------------------------------- tiny components
+
+def tiny_clip_tokenizer():
+    """A byte-level CLIP tokenizer without merges: 256 bytes, their </w> forms, start and end (514 ids), 40 tokens."""
+    chars = list(bytes_to_unicode().values())
+    vocab = {c: i for i, c in enumerate(chars)} | {c + "</w>": 256 + i for i, c in enumerate(chars)}
+    vocab |= {"<|startoftext|>": 512, "<|endoftext|>": 513}
+    return CLIPTokenizer(vocab=vocab, merges=[], model_max_length=40)
+
+
+def tiny_text_config():
+    return CLIPTextConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+                          projection_dim=16, vocab_size=514, max_position_embeddings=40,
+                          bos_token_id=512, eos_token_id=513, pad_token_id=513)
+
+
+def tiny_pipe(seed=0):
+    """A StableDiffusion3Pipeline of ~20k random parameters: 8x8 latents, VAE factor 1."""
+    torch.manual_seed(seed)
+    t5_tokenizer = T5Tokenizer(vocab=[("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0)]
+                               + [(c, -1.0) for c in "▁abcdefghijklmnopqrstuvwxyz"], extra_ids=0)
+    return StableDiffusion3Pipeline(
+        transformer=SD3Transformer2DModel(sample_size=8, patch_size=2, in_channels=4, out_channels=4, num_layers=1,
+                                          attention_head_dim=8, num_attention_heads=2, joint_attention_dim=32,
+                                          caption_projection_dim=16, pooled_projection_dim=32),
+        scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0),
+        vae=AutoencoderKL(block_out_channels=(8,), latent_channels=4, norm_num_groups=1, use_quant_conv=False,
+                          use_post_quant_conv=False, shift_factor=0.0609, scaling_factor=1.5035),
+        text_encoder=CLIPTextModelWithProjection(tiny_text_config()), tokenizer=tiny_clip_tokenizer(),
+        text_encoder_2=CLIPTextModelWithProjection(tiny_text_config()), tokenizer_2=tiny_clip_tokenizer(),
+        text_encoder_3=T5EncoderModel(T5Config(vocab_size=64, d_model=32, d_ff=37, d_kv=8, num_layers=1, num_heads=4,
+                                               relative_attention_num_buckets=8)),
+        tokenizer_3=t5_tokenizer)
+
+
+def tiny_world(dtype=torch.float32, **kwargs):
+    return sd3.SD3World(tiny_pipe(), "cpu", dtype=dtype, resolution=8, **kwargs)
+
+
+@pytest.fixture
+def world():
+    return tiny_world()
+
+
+def add_lora(transformer, seed=1):
+    """Train.py's adapter (rank 4 here), its zero-initialised B set by hand so that it changes the output."""
+    from peft import LoraConfig
+    transformer.add_adapter(LoraConfig(r=4, lora_alpha=8, init_lora_weights="gaussian",
+                                       target_modules=["to_k", "to_q", "to_v", "to_out.0"]))
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in transformer.named_parameters():
+            if "lora_B" in name:
+                p.copy_(0.5 * torch.randn(p.shape, generator=gen))
+
+
+# ---------------------------------------------------------------- SD3World
+
+def test_velocity_with_guidance_is_the_pipelines_cfg_arithmetic(world):
+    """velocity(g) = v_u + g (v_c - v_u) from the pipeline's own encodings, [uncond; cond] in one batch."""
+    pipe = world.pipe
+    pe, npe, pooled, npooled = pipe.encode_prompt(PROMPTS, None, None, device="cpu",
+                                                  max_sequence_length=sd3.MAX_SEQUENCE_LENGTH)
+    x, t = torch.randn(2, *world.latent_shape), torch.tensor([0.9, 0.3])
+    with torch.no_grad():
+        v = pipe.transformer(hidden_states=torch.cat([x, x]), timestep=1000 * torch.cat([t, t]),
+                             encoder_hidden_states=torch.cat([npe, pe]), pooled_projections=torch.cat([npooled, pooled]),
+                             return_dict=False)[0]
+        v_u, v_c = v.chunk(2)
+        cond = world.encode(PROMPTS)
+        torch.testing.assert_close(world.velocity(x, t, cond, 4.5), v_u + 4.5 * (v_c - v_u), msg="CFG arithmetic differs")
+        torch.testing.assert_close(world.velocity(x, t, cond, 1.0), v_c, msg="guidance 1 is not the conditional pass")
+
+
+@pytest.mark.parametrize("step_fn", [partial(sde.ddim_step, eta=0.0), partial(sde.flow_grpo_step, noise_level=0.0)],
+                         ids=["ddim_eta_0", "flow_grpo_noise_0"])
+def test_noiseless_rollout_of_velocity_reproduces_the_pipelines_sampler(world, step_fn):
+    """sde.rollout over sde.sigmas with either sampler at zero noise equals pipe(..., latents=x_T, output_type='latent')."""
+    T, g = 6, 4.5
+    x1 = torch.randn(2, *world.latent_shape, generator=torch.Generator().manual_seed(0))
+    expected = world.pipe(PROMPTS, latents=x1, num_inference_steps=T, guidance_scale=g, output_type="latent",
+                          max_sequence_length=sd3.MAX_SEQUENCE_LENGTH).images
+    velocity = partial(world.velocity, cond=world.encode(PROMPTS), guidance=g)
+    out = sde.rollout(velocity, x1, sde.sigmas(T, 3.0), step_fn)
+    err = (out["states"][:, -1] - expected).abs().max().item()
+    assert err < 1e-5, f"rollout differs from the pipeline by {err}: timestep scale, CFG order or schedule is wrong"
+
+
+def test_decode_equals_the_pipelines_image_output(world):
+    """decode(latents) equals the pipeline's output_type='pt' images (scaling, shift, [0, 1] mapping)."""
+    x1 = torch.randn(2, *world.latent_shape)
+    kwargs = dict(latents=x1, num_inference_steps=3, guidance_scale=4.5, max_sequence_length=sd3.MAX_SEQUENCE_LENGTH)
+    latents = world.pipe(PROMPTS, output_type="latent", **kwargs).images
+    images = world.pipe(PROMPTS, output_type="pt", **kwargs).images
+    decoded = world.decode(latents)
+    assert decoded.dtype == torch.float32 and decoded.shape == (2, 3, 8, 8)
+    torch.testing.assert_close(decoded, images, msg="VAE scaling/shift or the [-1, 1] -> [0, 1] map is wrong")
+
+
+def test_encode_is_batch_first_cached_and_its_negative_is_the_empty_prompt(world):
+    """encode rows follow the prompts, repeat exactly from the cache, and the negatives encode ''."""
+    cond = world.encode([PROMPTS[0], PROMPTS[1], PROMPTS[0]])
+    assert set(cond) == {"prompt_embeds", "pooled_prompt_embeds", "negative_prompt_embeds",
+                         "negative_pooled_prompt_embeds"}
+    assert all(v.shape[0] == 3 for v in cond.values()), "encode must be batch-first"
+    torch.testing.assert_close(cond["prompt_embeds"][0], cond["prompt_embeds"][2])
+    empty = world.encode([""])
+    torch.testing.assert_close(cond["negative_prompt_embeds"][1], empty["prompt_embeds"][0])
+    torch.testing.assert_close(cond["negative_pooled_prompt_embeds"][1], empty["pooled_prompt_embeds"][0])
+    again = world.encode([PROMPTS[1]])
+    torch.testing.assert_close(again["prompt_embeds"][0], cond["prompt_embeds"][1], msg="cache returned another row")
+
+
+def test_latent_shape_follows_resolution_and_a_bad_resolution_is_refused():
+    """latent_shape = (C, resolution / vae factor, ...); a resolution off the patch grid raises."""
+    assert tiny_world().latent_shape == (4, 8, 8)
+    with pytest.raises(ValueError, match="multiple of 2"):
+        sd3.SD3World(tiny_pipe(), "cpu", resolution=7)
+
+
+def test_base_weights_are_frozen_and_a_float32_lora_trains_through_bf16_velocity():
+    """All base weights are frozen; a LoRA (float32 params on bf16 weights) gets finite gradients from velocity."""
+    world = tiny_world(dtype=torch.bfloat16)
+    assert not any(p.requires_grad for m in world.pipe.components.values() if isinstance(m, torch.nn.Module)
+                   for p in m.parameters()), "a base weight is trainable"
+    add_lora(world.transformer)
+    lora = [p for p in world.transformer.parameters() if p.requires_grad]
+    for p in lora:
+        p.data = p.data.float()
+    cond = world.encode(PROMPTS)
+    v = world.velocity(torch.randn(2, *world.latent_shape), torch.tensor([0.7, 0.2]), cond, 4.5)
+    assert v.dtype == torch.float32
+    v.square().mean().backward()
+    grads = [p.grad for p in lora]
+    assert all(gr is not None and torch.isfinite(gr).all() for gr in grads) and any(gr.abs().sum() > 0 for gr in grads)
+
+
+def test_saved_lora_loads_into_a_fresh_pipeline_and_reproduces_the_velocity(world, tmp_path):
+    """save_lora then load_lora_weights into a fresh pipeline gives the trained transformer's velocity."""
+    add_lora(world.transformer)
+    x, t = torch.randn(2, *world.latent_shape), torch.tensor([0.8, 0.4])
+    with torch.no_grad():
+        cond = world.encode(PROMPTS)
+        trained = world.velocity(x, t, cond, 4.5)
+        world.transformer.disable_adapters()
+        base = world.velocity(x, t, cond, 4.5)
+    assert (trained - base).abs().max() > 1e-3, "the test LoRA does not change the output"
+    sd3.save_lora(world.transformer, tmp_path)
+    fresh = tiny_pipe()  # same seed: the same base weights
+    fresh.load_lora_weights(tmp_path)
+    with torch.no_grad():
+        loaded = sd3.SD3World(fresh, "cpu", dtype=torch.float32, resolution=8).velocity(x, t, cond, 4.5)
+    torch.testing.assert_close(loaded, trained, msg="reloaded LoRA differs: lost weights or lost lora_alpha scale")
+
+
+def test_a_saved_pipeline_folder_loads_as_a_world(tmp_path):
+    """SD3World.load of a save_pretrained folder gives the same velocity as the pipeline it came from."""
+    pipe = tiny_pipe()
+    pipe.save_pretrained(tmp_path)
+    a, b = tiny_world(), sd3.SD3World.load(str(tmp_path), "cpu", dtype=torch.float32, resolution=8)
+    x, t = torch.randn(1, *a.latent_shape), torch.tensor([0.5])
+    with torch.no_grad():
+        torch.testing.assert_close(b.velocity(x, t, b.encode(PROMPTS[:1]), 4.5), a.velocity(x, t, a.encode(PROMPTS[:1]), 4.5))
+
+
+@pytest.mark.parametrize("name", ["nobody/no-such-sd3-model", "/no/such/folder"])
+def test_a_missing_model_fails_within_seconds_naming_the_model_flag(name):
+    """SD3World.load of an uncached hub id or a missing folder raises LoadError naming --model, in < 10 s."""
+    start = time.perf_counter()
+    with pytest.raises(sd3.LoadError, match="--model") as err:
+        sd3.SD3World.load(name, "cpu")
+    assert time.perf_counter() - start < 10, "a failed load must not retry the hub for a minute"
+    assert name in str(err.value)
+
+
+def test_hub_problems_are_explained(monkeypatch):
+    """Offline, gated and unreachable hubs each get their own advice (licence + login, network, local folder)."""
+    import huggingface_hub
+    from huggingface_hub import constants, errors
+
+    assert "HF_HUB_OFFLINE" in sd3._hub_problem("a/b", folder_ok=True)
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(huggingface_hub, "model_info", lambda name, timeout: types.SimpleNamespace(gated="auto"))
+    gated = errors.GatedRepoError.__new__(errors.GatedRepoError, "gated")  # its __init__ wants an HTTP response
+
+    def refuse(name):
+        raise gated
+    monkeypatch.setattr(huggingface_hub, "auth_check", refuse)
+    message = sd3._hub_problem("stabilityai/stable-diffusion-3.5-medium", folder_ok=True)
+    assert "licence" in message and "hf auth login" in message and "local folder" in message
+
+    def unreachable(name, timeout):
+        raise ConnectionError("no route to host")
+    monkeypatch.setattr(huggingface_hub, "model_info", unreachable)
+    message = sd3._hub_problem("yuvalkirstain/PickScore_v1", folder_ok=False)
+    assert "cannot be reached" in message and "local folder" not in message
+
+
+# ---------------------------------------------------------------- prompts
+
+def test_read_prompts_names_the_flag_and_path_for_a_missing_or_empty_file(tmp_path):
+    """read_prompts: a missing or blank file is a LoadError naming --prompts and the path."""
+    missing, blank = tmp_path / "missing.txt", tmp_path / "blank.txt"
+    blank.write_text("\n  \n")
+    for path in (missing, blank):
+        with pytest.raises(sd3.LoadError, match="--prompts") as err:
+            sd3.read_prompts(path)
+        assert str(path) in str(err.value)
+    (tmp_path / "ok.txt").write_text("a photo of a cat\n\n a photo of a dog \n")
+    assert sd3.read_prompts(tmp_path / "ok.txt") == ["a photo of a cat", "a photo of a dog"]
+
+
+def test_built_in_prompt_splits_are_disjoint_and_used_by_default(world):
+    """The built-in GenEval-style train and held-out prompts do not overlap; train_prompts overrides train only."""
+    train, held_out = sd3.read_prompts(sd3.TRAIN_PROMPTS), sd3.read_prompts(sd3.EVAL_PROMPTS)
+    assert len(train) >= 90 and len(held_out) >= 25
+    assert len(set(train)) == len(train) and len(set(held_out)) == len(held_out), "duplicate prompts"
+    assert not set(train) & set(held_out), "a held-out prompt is also a training prompt"
+    assert world.train_prompts == train and world.eval_prompts == held_out
+    assert tiny_world(train_prompts=["a cat"]).train_prompts == ["a cat"]
+
+
+# ---------------------------------------------------------------- rewards
+
+def tiny_clip():
+    """A random CLIPModel (16 px images, 8 px patches) and a processor built in memory."""
+    torch.manual_seed(0)
+    config = CLIPConfig(text_config=tiny_text_config().to_dict(), projection_dim=16,
+                        vision_config=dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                           num_attention_heads=2, image_size=16, patch_size=8, projection_dim=16))
+    processor = CLIPProcessor(image_processor=CLIPImageProcessor(size={"shortest_edge": 16},
+                                                                 crop_size={"height": 16, "width": 16}),
+                              tokenizer=tiny_clip_tokenizer())
+    return CLIPModel(config).eval(), processor
+
+
+def smooth_images(batch, height, width, seed=0):
+    """Random low-frequency images in [0, 1], where PIL's and torch's resampling differ least."""
+    coarse = torch.rand(batch, 3, 4, 4, generator=torch.Generator().manual_seed(seed))
+    return torch.nn.functional.interpolate(coarse, size=(height, width), mode="bilinear", align_corners=True)
+
+
+def test_pickscore_is_the_scaled_cosine_of_the_models_embeddings():
+    """PickScore = diag(logits_per_image) / 26, i.e. logit_scale.exp() * cos(text, image) / 26."""
+    model, processor = tiny_clip()
+    images = smooth_images(3, 24, 20)
+    prompts = ["a red apple", "two dogs", "a bench"]
+    score = rewards.PickScore(model, processor)(images, prompts)
+    pixels = rewards.clip_pixels(images, 16, torch.tensor(processor.image_processor.image_mean),
+                                 torch.tensor(processor.image_processor.image_std))
+    text = processor.tokenizer(prompts, padding=True, return_tensors="pt")
+    with torch.no_grad():
+        logits = model(input_ids=text.input_ids, attention_mask=text.attention_mask, pixel_values=pixels).logits_per_image
+    assert score.shape == (3,) and score.dtype == torch.float32
+    torch.testing.assert_close(score, logits.diagonal() / 26, msg="PickScore is not logit_scale.exp() * cos / 26")
+    cos = rewards.CLIPScore(model, processor)(images, prompts)
+    torch.testing.assert_close(cos * model.logit_scale.exp() / 26, score, msg="CLIPScore is not the plain cosine")
+
+
+def test_torch_preprocessing_matches_the_clip_processor_on_a_pil_image():
+    """clip_pixels of a [0, 1] tensor is close to the processor's PIL resize, crop and normalisation."""
+    _, processor = tiny_clip()
+    image = smooth_images(1, 40, 32)
+    pil = Image.fromarray((image[0].permute(1, 2, 0).numpy() * 255).round().astype(np.uint8))
+    expected = processor(images=pil, return_tensors="pt").pixel_values
+    ours = rewards.clip_pixels(torch.from_numpy(np.array(pil)).permute(2, 0, 1)[None].float() / 255, 16,
+                               torch.tensor(processor.image_processor.image_mean),
+                               torch.tensor(processor.image_processor.image_std))
+    assert ours.shape == expected.shape
+    err = (ours - expected).abs()
+    assert err.mean() < 0.02 and err.max() < 0.1, f"preprocessing differs from CLIP's: mean {err.mean()}, max {err.max()}"
+
+
+def test_a_reward_that_cannot_be_loaded_fails_within_seconds_naming_the_reward_flag():
+    """build('pickscore') and build('clip') without the weights raise LoadError naming --reward, in < 10 s."""
+    for name in ("pickscore", "clip"):
+        start = time.perf_counter()
+        with pytest.raises(sd3.LoadError, match=f"--reward {name}"):
+            rewards.build(name, "cpu")
+        assert time.perf_counter() - start < 10
+
+
+def test_rewards_are_chosen_by_name():
+    """build('toy_geneval') is toy.geneval_score; an unknown name is a ValueError listing the valid ones."""
+    import toy
+    assert rewards.build("toy_geneval", "cpu") is toy.geneval_score
+    with pytest.raises(ValueError, match="clip, pickscore, toy_geneval"):
+        rewards.build("imagereward", "cpu")
+
+
+# ---------------------------------------------------------------- train.py on SD3 (the paper's path)
+
+import dataclasses
+import json
+import math
+
+from peft import get_peft_model_state_dict
+
+import train
+
+
+def tiny_pickscore(device):
+    """rewards.PickScore over the tiny random CLIP; its seeding leaves the global RNG (the LoRA init) alone."""
+    with torch.random.fork_rng():
+        return rewards.PickScore(*tiny_clip()).to(device)
+
+
+def test_two_sd3_pickscore_iterations_train_only_the_lora_and_save_a_loadable_one(tmp_path, monkeypatch):
+    """train.main on a saved tiny SD3 pipeline with PickScore: finite losses, first ratio 1, every LoRA tensor
+    changed, base weights untouched, and out/lora loads into a fresh pipeline with the trained velocity."""
+    folder = str(tmp_path / "pipe")
+    tiny_pipe().to(torch.bfloat16).save_pretrained(folder)  # bf16 on disk: the world's bf16 load is then exact
+    monkeypatch.setitem(rewards.REWARDS, "tiny_pickscore", tiny_pickscore)
+    kept, build_world = {}, train.build_world
+
+    def build_and_keep(cfg, device):  # the world train.main builds, and its LoRA as initialised
+        world = kept["world"] = build_world(cfg, device)
+        add_adapter = world.transformer.add_adapter
+
+        def add_and_record(config):
+            add_adapter(config)
+            kept["init"] = {k: v.clone() for k, v in get_peft_model_state_dict(world.transformer).items()}
+        world.transformer.add_adapter = add_and_record
+        return world
+    monkeypatch.setattr(train, "build_world", build_and_keep)
+    cfg = dataclasses.replace(train.sd35(train.Config()), model=folder, reward="tiny_pickscore", resolution=8,
+                              steps=2, prompts_per_step=2, group_size=2, num_steps=4, tweedie_substeps=2,
+                              eval_steps=2, micro_batch=2, lora_rank=4, lora_alpha=8, out=str(tmp_path / "run"))
+    train.main(cfg)
+
+    rows = [json.loads(line) for line in open(os.path.join(cfg.out, "metrics.jsonl"))]
+    assert [r["it"] for r in rows] == [0, 1, 2] and all(math.isfinite(r["loss"]) for r in rows[:2]), "bad losses"
+    assert all(r["ratio_first"] == 1.0 for r in rows[:2]), "re-scoring before the first update must give ratio 1"
+    world = kept["world"]
+    trained = get_peft_model_state_dict(world.transformer)
+    unchanged = [k for k in kept["init"] if torch.equal(kept["init"][k].float(), trained[k])]
+    assert not unchanged, f"LoRA parameters never updated: {unchanged[:3]}"
+    ckpt = torch.load(os.path.join(cfg.out, "ckpt.pt"), weights_only=False)["lora"]
+    assert all(torch.equal(ckpt[k], v) for k, v in trained.items()), "the checkpoint is not the trained LoRA"
+    base = SD3Transformer2DModel.from_pretrained(folder, subfolder="transformer").state_dict()
+    now = {k.replace(".base_layer", ""): v for k, v in world.transformer.state_dict().items() if "lora_" not in k}
+    assert now.keys() == base.keys() and all(torch.equal(now[k], base[k]) for k in base), "a base weight changed"
+
+    fresh = sd3.SD3World.load(folder, "cpu", resolution=8)
+    fresh.pipe.load_lora_weights(os.path.join(cfg.out, "lora"))
+    x, t = torch.randn(2, *world.latent_shape), torch.tensor([0.8, 0.4])
+    with torch.no_grad():
+        cond = world.encode(PROMPTS)
+        v_trained, v_loaded = world.velocity(x, t, cond, 4.5), fresh.velocity(x, t, cond, 4.5)
+        with train.base_model(world.transformer):
+            effect = (v_trained - world.velocity(x, t, cond, 4.5)).abs().max().item()
+    err = (v_loaded - v_trained).abs().max().item()
+    # the reloaded LoRA is bf16 (the transformer's dtype), the trained one float32: equal up to bf16 rounding
+    assert effect > 1e-3 and err <= 0.05 * effect, \
+        f"reloaded LoRA differs by {err} (its effect: {effect}): lost weights or lost lora_alpha scale"
+
+
+def test_train_main_fails_within_seconds_on_a_model_that_cannot_be_loaded(tmp_path):
+    """--model no/such-model offline: train.main raises sd3.LoadError naming --model in seconds, before any output."""
+    cfg = dataclasses.replace(train.sd35(train.Config()), model="no/such-model", out=str(tmp_path / "run"))
+    start = time.perf_counter()
+    with pytest.raises(sd3.LoadError, match="--model") as err:
+        train.main(cfg)
+    assert time.perf_counter() - start < 10, "a failed load must not retry the hub for a minute"
+    assert "no/such-model" in str(err.value) and not os.path.exists(cfg.out)

@@ -131,6 +131,57 @@ def save(path_out, transformer, opt, gen, it, history):
     os.rmdir(os.path.join(path_out, "lora.tmp"))
 
 
+def policy(cfg):
+    """The schedule (T+1 levels), the sampler's step with its noise bound, and the steps it trains (METHOD §2)."""
+    levels = sde.sigmas(cfg.num_steps, cfg.shift)
+    noise = cfg.eta if cfg.sampler == "ddim" else cfg.noise_level
+    step_fn = partial(sde.SAMPLERS[cfg.sampler], **{"eta" if cfg.sampler == "ddim" else "noise_level": noise})
+    # Steps with std 0 (the DDIM-SDE's first and last) are deterministic: no log-prob, left out of the loss.
+    stds = step_fn(torch.zeros(cfg.num_steps, 1), torch.zeros(cfg.num_steps, 1), levels[:-1], levels[1:])[3]
+    return levels, step_fn, [k for k in range(cfg.num_steps) if stds[k] > 0]
+
+
+def add_lora(transformer, cfg):
+    """peft's LoRA on the attention projections (Flow-GRPO's targets); returns its parameters, the trained ones."""
+    transformer.add_adapter(LoraConfig(r=cfg.lora_rank, lora_alpha=cfg.lora_alpha, init_lora_weights="gaussian",
+                                       target_modules=["to_k", "to_q", "to_v", "to_out.0"]))
+    params = [p for p in transformer.parameters() if p.requires_grad]
+    for p in params:
+        p.data = p.data.float()  # LoRA weights in float32 even on a bf16 model: Adam's small updates survive
+    return params
+
+
+def update(world, opt, out, cond, adv, levels, step_fn, trained, guidance, cfg):
+    """The GRPO update (§5): PPO-clip over the trained transitions, KL to the LoRA-free base model, one optimizer
+    step per micro-batch. Returns per-transition policy stats, losses, and per micro-batch whether it stepped."""
+    world.transformer.train()
+    params = [p for group in opt.param_groups for p in group["params"]]
+    stats, losses, finite = [], [], []
+    for c in chunks(len(adv), cfg.micro_batch):
+        velocity = partial(world.velocity, cond=rows(cond, c), guidance=guidance)
+        for k in trained:
+            x_t = out["states"][c, k]
+            t = levels[k].expand(len(x_t)).to(x_t.device)
+            _, log_prob, mean, std = step_fn(x_t, velocity(x_t, t), levels[k], levels[k + 1],
+                                             prev_sample=out["states"][c, k + 1])
+            # objective = mean over (i, k) of min(A rho, A clip(rho)) - beta KL; averaged over the micro-batch's
+            # trajectories here and over its trained steps by the 1/len(trained) below; loss = -objective
+            loss = stepgrpo.grpo_loss(log_prob, out["log_probs"][c, k], adv[c, k], cfg.clip_range)
+            if cfg.beta > 0:
+                with torch.no_grad(), base_model(world.transformer):  # prev_sample given: no noise drawn
+                    ref_mean = step_fn(x_t, velocity(x_t, t), levels[k], levels[k + 1], prev_sample=x_t)[2]
+                loss = loss + cfg.beta * stepgrpo.kl_penalty(mean, ref_mean, std).mean()
+            (loss / len(trained)).backward()
+            losses.append(loss.item())
+            stats.append(stepgrpo.policy_stats(log_prob, out["log_probs"][c, k], cfg.clip_range))
+        finite.append(all(map(math.isfinite, losses[-len(trained):])))
+        if finite[-1]:  # a non-finite loss skips the step; main stops the run after 3 in a row
+            torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
+            opt.step()
+        opt.zero_grad(set_to_none=True)
+    return stats, losses, finite
+
+
 def main(cfg):
     check(cfg)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -138,19 +189,10 @@ def main(cfg):
     world = build_world(cfg, device)
     reward_fn = rewards.build(cfg.reward or ("toy_geneval" if cfg.model == "toy" else "pickscore"), device)
     guidance = cfg.guidance or world.default_guidance
-    levels = sde.sigmas(cfg.num_steps, cfg.shift)
-    noise = cfg.eta if cfg.sampler == "ddim" else cfg.noise_level
-    step_fn = partial(sde.SAMPLERS[cfg.sampler], **{"eta" if cfg.sampler == "ddim" else "noise_level": noise})
-    # Steps with std 0 (the DDIM-SDE's first and last) are deterministic: no log-prob, left out of the loss.
-    stds = step_fn(torch.zeros(cfg.num_steps, 1), torch.zeros(cfg.num_steps, 1), levels[:-1], levels[1:])[3]
-    trained = [k for k in range(cfg.num_steps) if stds[k] > 0]
+    levels, step_fn, trained = policy(cfg)
     G, N = cfg.prompts_per_step, cfg.group_size
     B = G * N
-    world.transformer.add_adapter(LoraConfig(r=cfg.lora_rank, lora_alpha=cfg.lora_alpha, init_lora_weights="gaussian",
-                                             target_modules=["to_k", "to_q", "to_v", "to_out.0"]))
-    params = [p for p in world.transformer.parameters() if p.requires_grad]
-    for p in params:
-        p.data = p.data.float()  # LoRA weights in float32 even on a bf16 model: Adam's small updates survive
+    params = add_lora(world.transformer, cfg)
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     gen, history, start = torch.Generator().manual_seed(cfg.seed), [], 0
     os.makedirs(cfg.out, exist_ok=True)
@@ -201,34 +243,12 @@ def main(cfg):
         m.update(reward=final.mean().item(), reward_std=final.std().item(),
                  zero_std_frac=sum(float(final[groups == g].std()) < 1e-6 for g in range(G)) / G)
         # ---- update: PPO-clip over the stochastic transitions, KL to the LoRA-free base model (§5) ----
-        tic, adv = time.perf_counter(), adv.to(device)
-        world.transformer.train()
-        stats, losses = [], []
-        for c in chunks(B, cfg.micro_batch):
-            velocity = partial(world.velocity, cond=rows(cond, c), guidance=guidance)
-            for k in trained:
-                x_t = out["states"][c, k]
-                t = levels[k].expand(len(x_t)).to(device)
-                _, log_prob, mean, std = step_fn(x_t, velocity(x_t, t), levels[k], levels[k + 1],
-                                                 prev_sample=out["states"][c, k + 1])
-                # objective = mean over (i, k) of min(A rho, A clip(rho)) - beta KL; averaged over the micro-batch's
-                # trajectories here and over its trained steps by the 1/len(trained) below; loss = -objective
-                loss = stepgrpo.grpo_loss(log_prob, out["log_probs"][c, k], adv[c, k], cfg.clip_range)
-                if cfg.beta > 0:
-                    with torch.no_grad(), base_model(world.transformer):  # prev_sample given: no noise drawn
-                        ref_mean = step_fn(x_t, velocity(x_t, t), levels[k], levels[k + 1], prev_sample=x_t)[2]
-                    loss = loss + cfg.beta * stepgrpo.kl_penalty(mean, ref_mean, std).mean()
-                (loss / len(trained)).backward()
-                losses.append(loss.item())
-                stats.append(stepgrpo.policy_stats(log_prob, out["log_probs"][c, k], cfg.clip_range))
-            if all(map(math.isfinite, losses[-len(trained):])):
-                torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
-                opt.step()
-                bad = 0
-            else:
-                bad += 1
+        tic = time.perf_counter()
+        stats, losses, finite = update(world, opt, out, cond, adv.to(device), levels, step_fn, trained, guidance, cfg)
+        for ok in finite:
+            bad = 0 if ok else bad + 1
+            if not ok:
                 tqdm.write(f"warning: non-finite loss at iteration {it}; update skipped ({bad} in a row)")
-            opt.zero_grad(set_to_none=True)
         m["t_train"] = time.perf_counter() - tic
         m.update({k: sum(s[k] for s in stats) / len(stats) for k in stats[0]}, loss=sum(losses) / len(losses),
                  ratio_first=sum(s["ratio"] for s in stats[:len(trained)]) / len(trained))  # before any update
