@@ -65,7 +65,6 @@ def main():
     base = train.parse_args([f"--{kv.split('=')[0].replace('_', '-')}={kv.split('=')[1]}" for kv in args.set])
     if args.steps:
         base = dataclasses.replace(base, steps=args.steps)
-    base = dataclasses.replace(base, eval_every=min(base.eval_every, 5))
     os.makedirs(args.out, exist_ok=True)
     n_eval = len(train.build_world(base, "cpu").eval_prompts)  # pretrains (or loads) once, before the runs share it
     jobs = [(dataclasses.replace(base, advantage=a, sampler=s, seed=seed, out=f"{args.out}/{a}-{s}-{seed}"), 1 if args.jobs > 1 else 2)
@@ -84,7 +83,7 @@ def report(results, base, args, n_eval):
     lines = [f"Toy world, {len(args.seeds)} seeds, {base.steps} iterations, {base.prompts_per_step} prompts x "
              f"{base.group_size}, T = {base.num_steps}, T' = {base.tweedie_substeps}, eta = {base.eta}, a = "
              f"{base.noise_level}, lr = {base.lr}; held-out reward = mean over the {n_eval} held-out "
-             "prompts, ODE sampling, seed-mean.", "",
+             f"prompts x {base.eval_repeats} noises, ODE sampling, seed-mean.", "",
              "| advantage | sampler | held-out start | held-out final | s / iteration | steps to Flow-GRPO's final "
              "| training s to it |", "|---|---|---|---|---|---|---|"]
     for (a, s), curve in curves.items():

@@ -14,6 +14,8 @@ Choices beyond METHOD.md (also in the README):
    over timesteps too); training re-scores each micro-batch exactly as it was sampled, so the first ratio is 1.
 2. The Flow-GRPO advantage computes no intermediate rewards: its wall-clock is honest.
 3. Advantages of both methods are clipped to [-5, 5] (Flow-GRPO's adv_clip_max).
+4. Steps of tiny std (into s = 0.009 at T = 10) are left out of the loss like the std-0 ones (--std-floor): their
+   log-prob gradient ~ 1/std is ~100x a middle step's and would set the update's direction alone (snr.py).
 """
 import argparse, dataclasses, json, math, os, signal, time
 from dataclasses import dataclass
@@ -24,7 +26,7 @@ from peft import LoraConfig, get_peft_model_state_dict, set_peft_model_state_dic
 from tqdm import tqdm
 
 import plots, rewards, sde, stepgrpo
-from worlds import base_model, build_world, chunks, evaluate, rows, sample, score, trajectory_pair, x0_estimates
+from worlds import base_model, build_world, chunks, evaluate, rows, sample_groups, score, trajectory_pair, x0_estimates
 
 
 @dataclass
@@ -35,8 +37,9 @@ class Config:
     advantage: str = "stepwise"  # stepwise (gains g_k, §4) | flow_grpo (final reward on every step)
     per_step_norm: bool = False  # normalise gains per step instead of jointly (the paper's slower ablation)
     sampler: str = "ddim"  # ddim (the paper's DDIM-inspired SDE) | flow_grpo (Flow-GRPO's SDE), §2
-    eta: float = 0.7  # η, DDIM-SDE noise scale, 0 <= eta < 1 (0 = ODE)
+    eta: float = 0.9  # η, DDIM-SDE noise scale, 0 <= eta < 1 (0 = ODE); 0.9 measured best on the toy (README)
     noise_level: float = 0.7  # a, Flow-GRPO SDE noise level (Flow-GRPO: 0.7)
+    std_floor: float = 0.1  # train only steps whose std >= std_floor x the largest step std (0: every random step)
     shared_noise: bool = True  # a group shares its initial noise x_T (§3); False: Flow-GRPO's independent noises
     num_steps: int = 10  # T, sampling steps in training
     shift: float = 3.0  # schedule shift (SD3.5: 3)
@@ -57,6 +60,7 @@ class Config:
     tweedie_batch: int = 0  # states per x0_est forward (0 = all states of the iteration in one batch)
     eval_every: int = 10  # iterations between held-out evaluations
     eval_steps: int = 40  # ODE steps of the evaluation sampler
+    eval_repeats: int = 1  # held-out samples per held-out prompt, each from its own noise
     save_every: int = 10  # iterations between checkpoints
     seed: int = 0  # seeds prompts, noises and the LoRA init
     out: str = "runs/latest"  # output folder
@@ -68,9 +72,11 @@ class Config:
 
 
 def toy(cfg):
-    """CPU-sized: a 0.6M-parameter model learns in seconds per iteration; LoRA rank 8 is plenty for it."""
-    return dataclasses.replace(cfg, lora_rank=8, lora_alpha=16, lr=1e-3, micro_batch=32, prompts_per_step=8,
-                               group_size=8, eval_steps=20, eval_every=5, steps=40)
+    """CPU-sized: a 0.6M-parameter model, about a second per iteration; LoRA rank 8 is plenty for it. T' = 2 (the
+    paper: robust for 2..8) halves the x0_est cost; 4 held-out samples a prompt make the evaluation's error ~0.012.
+    lr 3e-3 rose where 1e-2 fell back; clip range and beta stay Flow-GRPO's (README, "How the toy defaults...")."""
+    return dataclasses.replace(cfg, lora_rank=8, lora_alpha=16, lr=3e-3, micro_batch=32, prompts_per_step=8,
+                               group_size=8, tweedie_substeps=2, eval_steps=20, eval_repeats=4, eval_every=10, steps=80)
 
 
 def sd35(cfg):
@@ -97,12 +103,14 @@ def check(cfg):
              ("advantage", cfg.advantage in ("stepwise", "flow_grpo"), "stepwise or flow_grpo"),
              ("sampler", cfg.sampler in sde.SAMPLERS, " or ".join(sde.SAMPLERS)),
              ("eta", cfg.eta >= 0, ">= 0 (0 = the ODE)"),
-             ("noise_level", cfg.noise_level >= 0, ">= 0"), ("num_steps", cfg.num_steps >= 2, ">= 2"),
+             ("noise_level", cfg.noise_level >= 0, ">= 0"), ("std_floor", 0 <= cfg.std_floor <= 1, "in [0, 1]"),
+             ("num_steps", cfg.num_steps >= 2, ">= 2"),
              ("tweedie_substeps", cfg.tweedie_substeps >= 1, ">= 1"), ("shift", cfg.shift > 0, "> 0"),
              ("guidance", cfg.guidance == 0 or cfg.guidance >= 1, ">= 1, or 0 for the world's default"),
              ("micro_batch", cfg.micro_batch >= 1, ">= 1"), ("tweedie_batch", cfg.tweedie_batch >= 0, ">= 0"),
              ("lora_rank", cfg.lora_rank >= 1, ">= 1"), ("eval_every", cfg.eval_every >= 1, ">= 1"),
-             ("eval_steps", cfg.eval_steps >= 1, ">= 1"), ("save_every", cfg.save_every >= 1, ">= 1"),
+             ("eval_steps", cfg.eval_steps >= 1, ">= 1"),
+             ("eval_repeats", cfg.eval_repeats >= 1, ">= 1"), ("save_every", cfg.save_every >= 1, ">= 1"),
              ("reward", cfg.reward in rewards.REWARDS or cfg.reward == "", "one of " + ", ".join(rewards.REWARDS)),
              ("prompts", cfg.prompts == "" or os.path.isfile(cfg.prompts), "an existing file, one prompt a line"),
              ("resume", not cfg.resume or os.path.isfile(os.path.join(cfg.out, "ckpt.pt")), "a run in --out")]
@@ -136,9 +144,10 @@ def policy(cfg):
     levels = sde.sigmas(cfg.num_steps, cfg.shift)
     noise = cfg.eta if cfg.sampler == "ddim" else cfg.noise_level
     step_fn = partial(sde.SAMPLERS[cfg.sampler], **{"eta" if cfg.sampler == "ddim" else "noise_level": noise})
-    # Steps with std 0 (the DDIM-SDE's first and last) are deterministic: no log-prob, left out of the loss.
+    # Steps with std 0 (the DDIM-SDE's first and last) are deterministic: no log-prob, left out of the loss; steps
+    # of tiny std too (choice 4 of the docstring).
     stds = step_fn(torch.zeros(cfg.num_steps, 1), torch.zeros(cfg.num_steps, 1), levels[:-1], levels[1:])[3]
-    return levels, step_fn, [k for k in range(cfg.num_steps) if stds[k] > 0]
+    return levels, step_fn, [k for k in range(cfg.num_steps) if stds[k] > 0 and stds[k] >= cfg.std_floor * stds.max()]
 
 
 def add_lora(transformer, cfg):
@@ -151,30 +160,39 @@ def add_lora(transformer, cfg):
     return params
 
 
+def backward(world, out, cond, adv, c, levels, step_fn, trained, guidance, cfg):
+    """Gradient of the GRPO loss (§5) of micro-batch c (a slice of trajectories), accumulated in .grad step by step:
+    PPO-clip over the trained transitions plus beta x the KL to the LoRA-free base. Returns policy stats, losses."""
+    velocity = partial(world.velocity, cond=rows(cond, c), guidance=guidance)
+    stats, losses = [], []
+    for k in trained:
+        x_t = out["states"][c, k]
+        t = levels[k].expand(len(x_t)).to(x_t.device)
+        _, log_prob, mean, std = step_fn(x_t, velocity(x_t, t), levels[k], levels[k + 1],
+                                         prev_sample=out["states"][c, k + 1])
+        # objective = mean over (i, k) of min(A rho, A clip(rho)) - beta KL; averaged over the micro-batch's
+        # trajectories here and over its trained steps by the 1/len(trained) below; loss = -objective
+        loss = stepgrpo.grpo_loss(log_prob, out["log_probs"][c, k], adv[c, k], cfg.clip_range)
+        if cfg.beta > 0:
+            with torch.no_grad(), base_model(world.transformer):  # prev_sample given: no noise drawn
+                ref_mean = step_fn(x_t, velocity(x_t, t), levels[k], levels[k + 1], prev_sample=x_t)[2]
+            loss = loss + cfg.beta * stepgrpo.kl_penalty(mean, ref_mean, std).mean()
+        (loss / len(trained)).backward()
+        losses.append(loss.item())
+        stats.append(stepgrpo.policy_stats(log_prob, out["log_probs"][c, k], cfg.clip_range))
+    return stats, losses
+
+
 def update(world, opt, out, cond, adv, levels, step_fn, trained, guidance, cfg):
-    """The GRPO update (§5): PPO-clip over the trained transitions, KL to the LoRA-free base model, one optimizer
-    step per micro-batch. Returns per-transition policy stats, losses, and per micro-batch whether it stepped."""
+    """The GRPO update: one optimizer step per micro-batch of trajectories. Returns per-transition policy stats,
+    losses, and per micro-batch whether it stepped."""
     world.transformer.train()
     params = [p for group in opt.param_groups for p in group["params"]]
     stats, losses, finite = [], [], []
     for c in chunks(len(adv), cfg.micro_batch):
-        velocity = partial(world.velocity, cond=rows(cond, c), guidance=guidance)
-        for k in trained:
-            x_t = out["states"][c, k]
-            t = levels[k].expand(len(x_t)).to(x_t.device)
-            _, log_prob, mean, std = step_fn(x_t, velocity(x_t, t), levels[k], levels[k + 1],
-                                             prev_sample=out["states"][c, k + 1])
-            # objective = mean over (i, k) of min(A rho, A clip(rho)) - beta KL; averaged over the micro-batch's
-            # trajectories here and over its trained steps by the 1/len(trained) below; loss = -objective
-            loss = stepgrpo.grpo_loss(log_prob, out["log_probs"][c, k], adv[c, k], cfg.clip_range)
-            if cfg.beta > 0:
-                with torch.no_grad(), base_model(world.transformer):  # prev_sample given: no noise drawn
-                    ref_mean = step_fn(x_t, velocity(x_t, t), levels[k], levels[k + 1], prev_sample=x_t)[2]
-                loss = loss + cfg.beta * stepgrpo.kl_penalty(mean, ref_mean, std).mean()
-            (loss / len(trained)).backward()
-            losses.append(loss.item())
-            stats.append(stepgrpo.policy_stats(log_prob, out["log_probs"][c, k], cfg.clip_range))
-        finite.append(all(map(math.isfinite, losses[-len(trained):])))
+        s, l = backward(world, out, cond, adv, c, levels, step_fn, trained, guidance, cfg)
+        stats, losses = stats + s, losses + l
+        finite.append(all(map(math.isfinite, l)))
         if finite[-1]:  # a non-finite loss skips the step; main stops the run after 3 in a row
             torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
             opt.step()
@@ -215,19 +233,13 @@ def main(cfg):
     for it in bar:
         m, tic = {"it": it}, time.perf_counter()
         if it % cfg.eval_every == 0:
-            world.transformer.eval()
             m["eval_reward"], images, eval_prompts = evaluate(world, reward_fn, cfg, guidance, device)
             if it == 0:
                 plots.grid(images[:16], eval_prompts[:16], os.path.join(cfg.out, "samples_start.png"))
         m["t_eval"] = time.perf_counter() - tic
         # ---- sample G groups of N trajectories; a group shares its initial noise x_T (§3) ----
         tic = time.perf_counter()
-        idx = torch.randperm(len(world.train_prompts), generator=gen)[:G].repeat_interleave(N)
-        prompts, groups = [world.train_prompts[i] for i in idx.tolist()], torch.arange(G).repeat_interleave(N)
-        x1 = torch.randn(G if cfg.shared_noise else B, *world.latent_shape, generator=gen)
-        x1 = (x1.repeat_interleave(N, 0) if cfg.shared_noise else x1).to(device)
-        cond = world.encode(prompts)
-        out = sample(world, cond, x1, levels, step_fn, guidance, cfg.micro_batch, gen)
+        prompts, groups, cond, out = sample_groups(world, cfg, levels, step_fn, guidance, gen, device)
         m["t_rollout"], tic = time.perf_counter() - tic, time.perf_counter()
         # ---- rewards: final images, and for stepwise credit the Tweedie estimate of every state (§3) ----
         if cfg.advantage == "stepwise":
@@ -266,7 +278,6 @@ def main(cfg):
             break
     signal.signal(signal.SIGINT, previous_handler)
     if not stop:  # ---- final held-out evaluation and the figures ----
-        world.transformer.eval()
         m = {"it": cfg.steps}
         m["eval_reward"], images, eval_prompts = evaluate(world, reward_fn, cfg, guidance, device)
         history.append(m)

@@ -84,11 +84,23 @@ def sample(world, cond, x1, levels, step_fn, guidance, micro_batch, gen):
     return {k: torch.cat([o[k] for o in outs]) for k in outs[0]}
 
 
+def sample_groups(world, cfg, levels, step_fn, guidance, gen, device):
+    """G prompts x N trajectories: a group shares its initial noise x_T (§3) unless --shared-noise false."""
+    G, N = cfg.prompts_per_step, cfg.group_size
+    idx = torch.randperm(len(world.train_prompts), generator=gen)[:G].repeat_interleave(N)
+    prompts, groups = [world.train_prompts[i] for i in idx.tolist()], torch.arange(G).repeat_interleave(N)
+    x1 = torch.randn(G if cfg.shared_noise else G * N, *world.latent_shape, generator=gen)
+    x1 = (x1.repeat_interleave(N, 0) if cfg.shared_noise else x1).to(device)
+    cond = world.encode(prompts)
+    return prompts, groups, cond, sample(world, cond, x1, levels, step_fn, guidance, cfg.micro_batch, gen)
+
+
 @torch.no_grad()
 def evaluate(world, reward_fn, cfg, guidance, device):
-    """Held-out reward with ODE sampling (eta = 0) from the same noise at every evaluation."""
+    """Held-out reward with ODE sampling (eta = 0) from the same noises at every evaluation, eval_repeats a prompt."""
+    world.transformer.eval()
     gen = torch.Generator().manual_seed(cfg.seed + 1)
-    prompts = world.eval_prompts
+    prompts = world.eval_prompts * cfg.eval_repeats
     x1 = torch.randn(len(prompts), *world.latent_shape, generator=gen).to(device)
     out = sample(world, world.encode(prompts), x1, sde.sigmas(cfg.eval_steps, cfg.shift),
                  partial(sde.ddim_step, eta=0.0), guidance, max(cfg.micro_batch, 16), gen)
