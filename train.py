@@ -37,7 +37,7 @@ class Config:
     advantage: str = "stepwise"  # stepwise (gains g_k, §4) | flow_grpo (final reward on every step)
     per_step_norm: bool = False  # normalise gains per step instead of jointly (the paper's slower ablation)
     sampler: str = "ddim"  # ddim (the paper's DDIM-inspired SDE) | flow_grpo (Flow-GRPO's SDE), §2
-    eta: float = 0.9  # η, DDIM-SDE noise scale, 0 <= eta < 1 (0 = ODE); 0.9 measured best on the toy (README)
+    eta: float = 0.9  # η, DDIM-SDE noise scale, 0 <= eta < 1 (0 = ODE); 0.9 chosen by measurement (README)
     noise_level: float = 0.7  # a, Flow-GRPO SDE noise level (Flow-GRPO: 0.7)
     std_floor: float = 0.1  # train only steps whose std >= std_floor x the largest step std (0: every random step)
     shared_noise: bool = True  # a group shares its initial noise x_T (§3); False: Flow-GRPO's independent noises
