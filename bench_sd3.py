@@ -29,7 +29,7 @@ from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcesso
 from transformers.convert_slow_tokenizer import bytes_to_unicode
 
 import rewards, sd3, stepgrpo, train
-from worlds import base_model, rows, sample, score, x0_estimates
+from worlds import base_model, group_noise, rows, sample, score, x0_estimates
 
 # stabilityai/stable-diffusion-3.5-medium transformer/config.json and vae/config.json
 SD35_MEDIUM = dict(sample_size=128, patch_size=2, in_channels=16, num_layers=24, attention_head_dim=64,
@@ -132,8 +132,7 @@ def iteration(world, reward_fn, opt, cfg, gen, device):
     levels, step_fn, trained = train.policy(cfg)
     G, N, guidance = cfg.prompts_per_step, cfg.group_size, cfg.guidance or world.default_guidance
     prompts, groups = [world.train_prompts[g] for g in range(G) for _ in range(N)], torch.arange(G).repeat_interleave(N)
-    x1 = torch.randn(G if cfg.shared_noise else G * N, *world.latent_shape, generator=gen)
-    x1 = (x1.repeat_interleave(N, 0) if cfg.shared_noise else x1).to(device)
+    x1 = group_noise(world, cfg, gen, device)
     cond = world.encode(prompts)  # the text encoders' work, outside the iteration (cached by the world)
     sec, tic = {}, clock(device)
     out = sample(world, cond, x1, levels, step_fn, guidance, cfg.micro_batch, gen)

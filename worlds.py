@@ -84,14 +84,19 @@ def sample(world, cond, x1, levels, step_fn, guidance, micro_batch, gen):
     return {k: torch.cat([o[k] for o in outs]) for k in outs[0]}
 
 
+def group_noise(world, cfg, gen, device):
+    """x_T of G prompts x N trajectories: a group shares its initial noise (§3) unless --shared-noise false."""
+    G, N = cfg.prompts_per_step, cfg.group_size
+    x1 = torch.randn(G if cfg.shared_noise else G * N, *world.latent_shape, generator=gen)
+    return (x1.repeat_interleave(N, 0) if cfg.shared_noise else x1).to(device)
+
+
 def sample_groups(world, cfg, levels, step_fn, guidance, gen, device):
-    """G prompts x N trajectories: a group shares its initial noise x_T (§3) unless --shared-noise false."""
+    """G random training prompts x N trajectories each, sampled from group_noise."""
     G, N = cfg.prompts_per_step, cfg.group_size
     idx = torch.randperm(len(world.train_prompts), generator=gen)[:G].repeat_interleave(N)
     prompts, groups = [world.train_prompts[i] for i in idx.tolist()], torch.arange(G).repeat_interleave(N)
-    x1 = torch.randn(G if cfg.shared_noise else G * N, *world.latent_shape, generator=gen)
-    x1 = (x1.repeat_interleave(N, 0) if cfg.shared_noise else x1).to(device)
-    cond = world.encode(prompts)
+    x1, cond = group_noise(world, cfg, gen, device), world.encode(prompts)
     return prompts, groups, cond, sample(world, cond, x1, levels, step_fn, guidance, cfg.micro_batch, gen)
 
 
