@@ -1,35 +1,43 @@
-"""Time one Stepwise-Flow-GRPO and one Flow-GRPO iteration of SD3.5 Medium at the paper's setting on one GPU.
+"""SD3.5 Medium at the paper's setting: one Stepwise-Flow-GRPO and one Flow-GRPO iteration, timed and counted.
 
 Random weights from the published configs, no download: the SD3.5 Medium transformer, the SD3 VAE and a CLIP-H
-sized PickScore. Prompt encodings are fixed random tensors of SD3's shapes: the text encoders run once per prompt,
-outside the iteration, and wait off the GPU (sd3.py CHOICE 4). Every phase is train.py's own: worlds.sample,
-worlds.x0_estimates, worlds.score, train.update. Reports seconds per phase, the model FLOPs utilisation (MFU) of the
-training step, and the peak GPU memory of each method. Setting (METHOD.md §5): 512 px, T = 10, T' = 5, CFG 4.5, one
-group of 8, bf16 transformer, float32 VAE and LoRA, LoRA r 32 alpha 64.
+sized PickScore. Prompt encodings are fixed random tensors of SD3's shapes (the text encoders run once a prompt,
+before training: sd3.py CHOICE 4). Each iteration is train.py's own (train.iteration) at the sd35 preset, each
+method with its own defaults (config.flow_grpo_method for the baseline): 512 px, T = 10, T' = 5, CFG 4.5,
+4 prompts x 8, micro-batches of 8, 2 optimizer steps, bf16 transformer, float32 VAE, LoRA r 32 alpha 64.
+Model FLOPs are counted, not estimated: every row through the transformer (forward, or forward + backward in
+training), the VAE decoder and PickScore is counted in the iteration, and each row's FLOPs at full size come from
+torch's FlopCounterMode on meta tensors, so --flops needs neither a GPU nor memory.
 
-    python bench_sd3.py --tiny                          # CPU, tiny configs, seconds: proves the script end to end
-    python bench_sd3.py --gradient-checkpointing true --out bench.json                  # one GPU, about 2 minutes
+    python bench_sd3.py --flops         # CPU, minutes: FLOPs per phase and the Stepwise/Flow-GRPO ratio
+    python bench_sd3.py --tiny                          # CPU, tiny configs: the timed path end to end
+    python bench_sd3.py --gradient-checkpointing true --out bench.json                 # one GPU: seconds, MFU, memory
 
-The GPU machine's image has torch 2.11, transformers 5.17, huggingface_hub 1.33 (diffusers 0.42.1 needs >= 1.32),
-safetensors 0.8 (needs >= 0.8), accelerate, numpy, regex, requests, filelock, Pillow, tqdm and matplotlib, but no
-diffusers; its peft version is unread (diffusers needs >= 0.17, requirements.txt >= 0.21), so peft travels too.
+The GPU machine's image has torch, transformers, huggingface_hub and safetensors but no diffusers; peft travels too.
 Both wheels are pure Python. Here, once, in the repo root:
     echo /.whl/ >> .git/info/exclude
     python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
         --platform manylinux_2_28_x86_64 -d .whl diffusers==0.42.1 peft==0.21.2
-Then one device run, carry [".whl"], timeout_s 540 (about 3 minutes expected; both checkpointing settings):
-    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site PYTHONUNBUFFERED=1 || exit; python3 -m pip show peft transformers | grep -E "^(Name|Version)"; python3 bench_sd3.py --gradient-checkpointing true --out $OUT/bench_gc.json 2>&1 | tee $OUT/bench_gc.md; python3 bench_sd3.py --gradient-checkpointing false --out $OUT/bench_nogc.json 2>&1 | tee $OUT/bench_nogc.md
+Then one device run, carry [".whl"], timeout_s 540 (both checkpointing settings):
+    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site PYTHONUNBUFFERED=1 || exit; set -o pipefail; python3 bench_sd3.py --gradient-checkpointing true --out $OUT/bench_gc.json 2>&1 | tee $OUT/bench_gc.md; python3 bench_sd3.py --gradient-checkpointing false --out $OUT/bench_nogc.json 2>&1 | tee $OUT/bench_nogc.md
 """
-import argparse, dataclasses, json, math, time
+import argparse
+import dataclasses
+import json
+import math
+import time
 
 import torch
-from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
 from torch.utils.flop_counter import FlopCounterMode
-from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor, CLIPTokenizer
-from transformers.convert_slow_tokenizer import bytes_to_unicode
 
-import rewards, sd3, stepgrpo, train
-from worlds import base_model, group_noise, rows, sample, score, x0_estimates
+import config
+import learner
+import rewards
+import sd3
+import train
+from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
+from transformers import CLIPConfig, CLIPImageProcessorPil, CLIPModel, CLIPProcessor, CLIPTokenizer
+from transformers.convert_slow_tokenizer import bytes_to_unicode
 
 # stabilityai/stable-diffusion-3.5-medium transformer/config.json and vae/config.json
 SD35_MEDIUM = dict(sample_size=128, patch_size=2, in_channels=16, num_layers=24, attention_head_dim=64,
@@ -44,7 +52,8 @@ SD3_VAE = dict(in_channels=3, out_channels=3, down_block_types=("DownEncoderBloc
 CLIP_H = dict(projection_dim=1024,
               text_config=dict(hidden_size=1024, num_hidden_layers=24, num_attention_heads=16, intermediate_size=4096,
                                max_position_embeddings=77, hidden_act="gelu"),
-              vision_config=dict(hidden_size=1280, num_hidden_layers=32, num_attention_heads=16, intermediate_size=5120,
+              vision_config=dict(hidden_size=1280, num_hidden_layers=32, num_attention_heads=16,
+                                 intermediate_size=5120,
                                  patch_size=14, image_size=224, hidden_act="gelu"))
 # --tiny: the same code paths (dual attention, rms qk-norm, a 4-level VAE of factor 8) at CPU size
 TINY_TRANSFORMER = dict(SD35_MEDIUM, sample_size=8, num_layers=2, attention_head_dim=8, num_attention_heads=2,
@@ -93,144 +102,182 @@ def build(tiny, device, gradient_checkpointing):
     world = FixedEncodingWorld(pipe, device, gradient_checkpointing=gradient_checkpointing,
                                resolution=64 if tiny else 512)
     side = clip["vision_config"]["image_size"]
-    processor = CLIPProcessor(image_processor=CLIPImageProcessor(size={"shortest_edge": side},
+    processor = CLIPProcessor(image_processor=CLIPImageProcessorPil(size={"shortest_edge": side},
                                                                  crop_size={"height": side, "width": side}),
                               tokenizer=byte_tokenizer())
     return world, rewards.PickScore(model, processor).to(device)  # float32, as PickScore_v1 loads
 
 
-def clock(device):
+class Counter:
+    """Rows through each model during an iteration: transformer forwards (no grad), training forwards (with grad:
+    their backward follows), VAE decodes, reward images. CFG's doubled batch counts twice."""
+
+    def __init__(self, world, reward_fn):
+        self.rows = dict(forward=0, train=0, decode=0, reward=0)
+        velocity = world.velocity
+        decode = world.decode
+
+        def counted_velocity(x, t, cond, guidance, **kw):
+            self.rows["train" if torch.is_grad_enabled() else "forward"] += len(x) * (1 if guidance == 1 else 2)
+            return velocity(x, t, cond, guidance, **kw)
+
+        def counted_decode(x0):
+            self.rows["decode"] += len(x0)
+            return decode(x0)
+
+        def counted_reward(images, prompts):
+            self.rows["reward"] += len(images)
+            return reward_fn(images, prompts)
+        world.velocity = counted_velocity
+        world.decode = counted_decode
+        self.reward_fn = counted_reward
+
+
+def row_flops(cfg):
+    """Model FLOPs of one row at full size, on meta tensors: transformer forward, forward + backward with the LoRA
+    (base weights frozen: activation gradients only), VAE decode at cfg.resolution, PickScore (CLIP-H)."""
+    side = cfg.resolution // 8
+    with torch.device("meta"):
+        transformer = SD3Transformer2DModel(**SD35_MEDIUM).to(torch.bfloat16)
+        learner.add_lora(transformer, cfg)
+        vae = AutoencoderKL(**SD3_VAE)
+        clip = CLIPModel(CLIPConfig(projection_dim=CLIP_H["projection_dim"], vision_config=CLIP_H["vision_config"],
+                                    text_config=CLIP_H["text_config"]))
+    meta = dict(device="meta")
+    inputs = dict(hidden_states=torch.randn(1, 16, side, side, dtype=torch.bfloat16, **meta),
+                  timestep=torch.full((1,), 500.0, **meta), return_dict=False,
+                  encoder_hidden_states=torch.randn(1, TOKENS, 4096, dtype=torch.bfloat16, **meta),
+                  pooled_projections=torch.randn(1, 2048, dtype=torch.bfloat16, **meta))
+    counted = {}
+    for name, fn in [("forward", lambda: transformer(**inputs)),
+                     ("train", lambda: transformer(**inputs)[0].float().sum().backward()),
+                     ("decode", lambda: vae.decode(torch.randn(1, 16, side, side, **meta))),
+                     ("reward", lambda: clip(input_ids=torch.zeros(1, 77, dtype=torch.long, **meta),
+                                             pixel_values=torch.randn(1, 3, 224, 224, **meta)))]:
+        with FlopCounterMode(display=False) as flops, torch.set_grad_enabled(name == "train"):
+            fn()
+        counted[name] = flops.get_total_flops()
+    return counted
+
+
+PHASES = dict(rollout="t_rollout", tweedie="t_x0", reward="t_reward", train="t_train")
+
+
+def iteration(world, reward_fn, cfg, device, warmup):
+    """train.iteration of cfg (after `warmup` untimed ones): seconds per phase, rows per model, peak memory."""
+    guidance = cfg.guidance or world.default_guidance
+    pi = learner.policy(cfg)
+    params = [p for p in world.transformer.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    ema = learner.EMA(params, cfg.ema_decay, cfg.ema_every)
+    for it in range(warmup):  # kernels, cuDNN autotuning of the VAE's convolutions, allocator growth
+        train.iteration(world, reward_fn, opt, ema, pi, cfg, it, guidance, device)
     if device.type == "cuda":
-        torch.cuda.synchronize()
-    return time.perf_counter()
-
-
-def flops_per_trajectory(world, out, cond, levels, step, guidance, beta):
-    """Model FLOPs of one trajectory's transition: a forward, and for training its backward and the reference forward.
-
-    Counted on one trajectory at the state of step `step` (FLOPs scale with the batch), with gradient checkpointing off
-    so that its recomputation is not counted: that makes it MFU, not hardware utilisation."""
-    x, t, c = out["states"][:1, step], levels[step].expand(1).to(out["states"].device), rows(cond, slice(0, 1))
-    checkpointing = world.transformer.is_gradient_checkpointing
-    world.transformer.disable_gradient_checkpointing()
-    with FlopCounterMode(display=False) as forward, torch.no_grad():
-        world.velocity(x, t, c, guidance)
-    with FlopCounterMode(display=False) as training:
-        world.velocity(x, t, c, guidance).sum().backward()
-        if beta > 0:
-            with torch.no_grad(), base_model(world.transformer):
-                world.velocity(x, t, c, guidance)
-    for p in world.transformer.parameters():
-        p.grad = None
-    if checkpointing:
-        world.transformer.enable_gradient_checkpointing()
-    return forward.get_total_flops(), training.get_total_flops()
-
-
-def iteration(world, reward_fn, opt, cfg, gen, device):
-    """train.main's loop body for one iteration, phase by phase: seconds per phase, and what the FLOP count needs."""
-    levels, step_fn, trained = train.policy(cfg)
-    G, N, guidance = cfg.prompts_per_step, cfg.group_size, cfg.guidance or world.default_guidance
-    prompts, groups = [world.train_prompts[g] for g in range(G) for _ in range(N)], torch.arange(G).repeat_interleave(N)
-    x1 = group_noise(world, cfg, gen, device)
-    cond = world.encode(prompts)  # the text encoders' work, outside the iteration (cached by the world)
-    sec, tic = {}, clock(device)
-    out = sample(world, cond, x1, levels, step_fn, guidance, cfg.micro_batch, gen)
-    sec["rollout"], tic = clock(device) - tic, clock(device)
-    if cfg.advantage == "stepwise":
-        x0 = x0_estimates(world, out, cond, levels, cfg.tweedie_substeps, cfg.tweedie_batch, guidance)
-        sec["tweedie"], tic = clock(device) - tic, clock(device)
-        r = score(world, reward_fn, x0, prompts)[0]  # (B, T+1)
-        adv = stepgrpo.stepwise_advantages(r, groups, cfg.per_step_norm, cfg.adv_clip)
-    else:
-        sec["tweedie"] = 0.0
-        final = score(world, reward_fn, out["states"][:, -1:], prompts)[0][:, 0]  # (B,)
-        adv = stepgrpo.flow_grpo_advantages(final, groups, adv_clip=cfg.adv_clip)[:, None].expand(G * N, cfg.num_steps)
-    sec["reward"], tic = clock(device) - tic, clock(device)
-    losses = train.update(world, opt, out, cond, adv.to(device), levels, step_fn, trained, guidance, cfg)[1]
-    sec["train"] = clock(device) - tic
-    assert all(map(math.isfinite, losses)), "non-finite training loss"
-    return sec, dict(out=out, cond=cond, levels=levels, trained=trained, guidance=guidance)
-
-
-def bench(cfg, world, reward_fn, opt, device, peak_tflops, warmup):
-    """Time one iteration of cfg (after `warmup` untimed ones); count its FLOPs; its peak memory."""
-    gen = torch.Generator().manual_seed(cfg.seed)
-    for _ in range(warmup):  # kernels, cuDNN autotuning of the VAE's convolutions, allocator growth
-        iteration(world, reward_fn, opt, cfg, gen, device)
-    if device.type == "cuda":
-        torch.cuda.empty_cache(), torch.cuda.reset_peak_memory_stats()
-    sec, run = iteration(world, reward_fn, opt, cfg, gen, device)
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+    counter = Counter(world, reward_fn)
+    m, finite = train.iteration(world, counter.reward_fn, opt, ema, pi, cfg, warmup, guidance, device)
+    del world.velocity, world.decode  # back to the class's own methods
+    assert all(finite) and math.isfinite(m["loss"]), "non-finite training loss"
+    seconds = {phase: m.get(key, 0.0) for phase, key in PHASES.items()}
     peak_gb = torch.cuda.max_memory_allocated() / 1e9 if device.type == "cuda" else None
-    B, T = cfg.prompts_per_step * cfg.group_size, cfg.num_steps
-    f_fwd, f_train = flops_per_trajectory(world, run["out"], run["cond"], run["levels"], run["trained"][0],
-                                          run["guidance"], cfg.beta)
-    stepwise = cfg.advantage == "stepwise"
-    flops = dict(rollout=f_fwd * B * T, tweedie=f_fwd * B * T * (cfg.tweedie_substeps - 1) if stepwise else 0,
-                 train=f_train * B * len(run["trained"]))
-    tflops = {k: flops[k] / sec[k] / 1e12 if sec[k] else 0.0 for k in flops}
-    return dict(seconds=sec | {"iteration": sum(sec.values())}, tflops_per_s=tflops, peak_memory_gb=peak_gb,
-                train_mfu=tflops["train"] / peak_tflops, trained_steps=run["trained"], model_flops=flops)
+    return dict(seconds=seconds | {"iteration": sum(seconds.values())}, rows=counter.rows, peak_memory_gb=peak_gb,
+                trained_steps=pi.trained)
 
 
-def report(results, args):
-    """A markdown table of the two methods and the three targets."""
-    lines = ["| method | rollout s | Tweedie s | decode+reward s | train s | iteration s | train TFLOP/s | train MFU "
-             "| peak GB |", "|" + " --- |" * 9]
+def flops_by_phase(result, per_row):
+    """TFLOPs of each phase: forwards split by phase (rollout B T, the rest x0_est and the KL's reference)."""
+    rows = result["rows"]
+    rollout = result["rollout_rows"]
+    return dict(rollout=rollout * per_row["forward"] / 1e12,
+                tweedie=(rows["forward"] - rollout - result["reference_rows"]) * per_row["forward"] / 1e12,
+                reward=(rows["decode"] * per_row["decode"] + rows["reward"] * per_row["reward"]) / 1e12,
+                train=(rows["train"] * per_row["train"] + result["reference_rows"] * per_row["forward"]) / 1e12)
+
+
+def methods():
+    """The two methods at the sd35 preset, each with its own defaults, as train.py's flags make them."""
+    stepwise = config.parse_args(["--model", "bench"])
+    flow_grpo = config.parse_args(["--model", "bench", "--advantage", "flow_grpo", "--sampler", "flow_grpo"])
+    return {"stepwise": stepwise, "flow_grpo": flow_grpo}
+
+
+def report(results, per_row, peak_tflops):
+    """The markdown table: seconds, TFLOPs and rows per phase; the FLOP ratio; MFU and memory on a GPU."""
+    lines = ["| method | phase | rows (transformer / VAE / reward) | TFLOP | s | TFLOP/s |",
+             "|---|---|---|---|---|---|"]
+    totals = {}
     for name, r in results.items():
-        s, gb = r["seconds"], r["peak_memory_gb"]
-        lines.append(f"| {name} | {s['rollout']:.2f} | {s['tweedie']:.2f} | {s['reward']:.2f} | {s['train']:.2f} | "
-                     f"{s['iteration']:.2f} | {r['tflops_per_s']['train']:.1f} | {100 * r['train_mfu']:.1f}% | "
-                     + (f"{gb:.1f} |" if gb is not None else "n/a |"))
+        tflop = flops_by_phase(r, per_row)
+        totals[name] = sum(tflop.values())
+        for phase, f in tflop.items():
+            sec = r["seconds"][phase]
+            rate = f"{f / sec:.0f}" if sec and r["peak_memory_gb"] is not None else "-"
+            lines.append(f"| {name} | {phase} | {r['phase_rows'][phase]} | {f:.0f} | {sec:.2f} | {rate} |")
+        lines.append(f"| {name} | **iteration** | | **{totals[name]:.0f}** | **{r['seconds']['iteration']:.2f}** | |")
     step, flow = results["stepwise"], results["flow_grpo"]
-    ratio = step["seconds"]["iteration"] / flow["seconds"]["iteration"]
-    gbs = [r["peak_memory_gb"] for r in results.values()]
-    gb = None if None in gbs else max(gbs)  # None: not on a GPU
-    mfu = min(r["train_mfu"] for r in results.values())
-    targets = {"stepwise / Flow-GRPO iteration <= 1.5": (ratio, ratio <= 1.5),
-               "training MFU >= 35%": (mfu, mfu >= 0.35),
-               "peak memory < 24 GB (gradient checkpointing on)":
-                   (gb, gb < 24 if gb is not None and args.gradient_checkpointing else None)}
-    lines += ["", "| target | value | met |", "| --- | --- | --- |"]
-    lines += [f"| {k} | {'n/a' if v is None else f'{v:.3g}'} | {'n/a' if ok is None else 'yes' if ok else 'NO'} |"
-              for k, (v, ok) in targets.items()]
-    return "\n".join(lines), {k: dict(value=v, met=ok) for k, (v, ok) in targets.items()}
+    lines += ["", f"Stepwise / Flow-GRPO model FLOPs per iteration: {totals['stepwise'] / totals['flow_grpo']:.2f}x; "
+              f"seconds: {step['seconds']['iteration'] / flow['seconds']['iteration']:.2f}x"]
+    if step["peak_memory_gb"] is not None:
+        for name, r in results.items():
+            mfu = flops_by_phase(r, per_row)["train"] / r["seconds"]["train"] / peak_tflops
+            lines.append(f"{name}: training MFU {100 * mfu:.1f}% of {peak_tflops:.0f} TFLOP/s, peak memory "
+                         f"{r['peak_memory_gb']:.1f} GB")
+    return "\n".join(lines), totals
+
+
+def annotate(result, cfg):
+    """Which forward rows were the rollout's, which the KL reference's, and rows per phase for the table."""
+    B, T, g = cfg.prompts_per_step * cfg.group_size, cfg.num_steps, 2  # CFG doubles every row (g = 4.5)
+    result["rollout_rows"] = B * T * g
+    result["reference_rows"] = result["rows"]["train"] if cfg.beta > 0 else 0  # one reference forward per training one
+    rows = result["rows"]
+    result["phase_rows"] = dict(rollout=f"{B * T * g} / - / -",
+                                tweedie=f"{rows['forward'] - B * T * g - result['reference_rows']} / - / -",
+                                reward=f"- / {rows['decode']} / {rows['reward']}",
+                                train=f"{rows['train']} (+ {result['reference_rows']} ref.) / - / -")
+    return result
 
 
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--tiny", action="store_true", help="tiny configs at 64 px: a CPU check of the script, seconds")
-    p.add_argument("--gradient-checkpointing", type=lambda s: s.lower() in ("1", "true", "yes"), default=True)
-    p.add_argument("--peak-tflops", type=float, default=989.0, help="dense bf16 peak (H100/H200 SXM: 989)")
+    p.add_argument("--tiny", action="store_true", help="tiny configs at 64 px: a CPU check of the timed path")
+    p.add_argument("--flops", action="store_true", help="CPU: count FLOPs at full size (tiny models run the loop)")
+    p.add_argument("--gradient-checkpointing", type=config._boolean, default=True)
+    p.add_argument("--peak-tflops", type=float, default=790.0, help="bf16 peak measured on the H200 (dense: 989)")
     p.add_argument("--warmup", type=int, default=1, help="untimed iterations of each method first")
+    p.add_argument("--set", nargs="*", default=[], help="Config overrides for both methods, e.g. tweedie_substeps=3")
     p.add_argument("--out", default="", help="JSON results path")
     args = p.parse_args()
-    device = torch.device("cuda" if torch.cuda.is_available() and not args.tiny else "cpu")
+    tiny = args.tiny or args.flops
+    device = torch.device("cuda" if torch.cuda.is_available() and not tiny else "cpu")
     torch.manual_seed(0)
     tic = time.perf_counter()
-    world, reward_fn = build(args.tiny, device, args.gradient_checkpointing)
-    stepwise = dataclasses.replace(train.sd35(train.Config()), model="bench", prompts_per_step=1, group_size=8,
-                                   resolution=64 if args.tiny else 512,
-                                   gradient_checkpointing=args.gradient_checkpointing)
-    flow_grpo = dataclasses.replace(stepwise, advantage="flow_grpo", sampler="flow_grpo", shared_noise=False)
-    train.check(stepwise), train.check(flow_grpo)
-    params = train.add_lora(world.transformer, stepwise)
-    opt = torch.optim.AdamW(params, lr=stepwise.lr, weight_decay=stepwise.weight_decay)
+    world, reward_fn = build(tiny, device, args.gradient_checkpointing)
+    overrides = dict(kv.split("=") for kv in args.set)
+    runs = {}
+    for name, cfg in methods().items():
+        kinds = {f.name: f.type for f in dataclasses.fields(cfg)}
+        cfg = dataclasses.replace(cfg, resolution=64 if tiny else 512,
+                                  gradient_checkpointing=args.gradient_checkpointing,
+                                  **{k: kinds[k](v) for k, v in overrides.items()})
+        config.check(cfg)
+        runs[name] = cfg
+    learner.add_lora(world.transformer, runs["stepwise"])
     n_params = sum(p.numel() for p in world.transformer.parameters())
     print(f"device {device} ({torch.cuda.get_device_name() if device.type == 'cuda' else 'cpu'}) | transformer "
           f"{n_params:,} parameters | built in {time.perf_counter() - tic:.1f} s | gradient checkpointing "
-          f"{args.gradient_checkpointing} | torch {torch.__version__}", flush=True)
-    results = {}
-    for name, cfg in (("stepwise", stepwise), ("flow_grpo", flow_grpo)):
-        results[name] = bench(cfg, world, reward_fn, opt, device, args.peak_tflops, args.warmup)
-        print(name, json.dumps(results[name]["seconds"]), flush=True)
-    table, targets = report(results, args)
+          f"{args.gradient_checkpointing} | torch {torch.__version__} | overrides {overrides}", flush=True)
+    results = {name: annotate(iteration(world, reward_fn, cfg, device, args.warmup), cfg)
+               for name, cfg in runs.items()}
+    per_row = row_flops(dataclasses.replace(runs["stepwise"], resolution=512))
+    table, totals = report(results, per_row, args.peak_tflops)
     print(table)
     if args.out:
         with open(args.out, "w") as f:
-            configs = {"stepwise": dataclasses.asdict(stepwise), "flow_grpo": dataclasses.asdict(flow_grpo)}
-            json.dump(dict(args=vars(args), device=str(device), torch=torch.__version__, configs=configs,
-                           transformer_parameters=n_params, results=results, targets=targets), f, indent=1)
+            json.dump(dict(args=vars(args), device=str(device), torch=torch.__version__, row_tflops=per_row,
+                           configs={k: dataclasses.asdict(v) for k, v in runs.items()}, results=results,
+                           tflop=totals, transformer_parameters=n_params), f, indent=1)
 
 
 if __name__ == "__main__":

@@ -1,4 +1,4 @@
-"""Rewards by name (INTERFACE.md): the one place where a run's --reward is chosen.
+"""Rewards by name (the interface in worlds.py): the one place where a run's --reward is chosen.
 
 A reward R maps images (B, 3, H, W) float32 in [0, 1] and their prompts to (B,) float32 scores, without gradient.
 It scores final images and the Tweedie estimates decode(x0_est(x^(k))) alike (METHOD.md §3: r_k).
@@ -74,7 +74,8 @@ class CLIPScore(torch.nn.Module):
         pixels = clip_pixels(images.to(device, torch.float32), self.size, self.mean, self.std)
         text = self.tokenizer(list(prompts), padding=True, truncation=True, return_tensors="pt",
                               max_length=self.model.config.text_config.max_position_embeddings).to(device)
-        image_emb = F.normalize(embedding(self.model.get_image_features(pixel_values=pixels.to(dtype))).float(), dim=-1)
+        image_features = self.model.get_image_features(pixel_values=pixels.to(dtype))
+        image_emb = F.normalize(embedding(image_features).float(), dim=-1)
         text_emb = F.normalize(embedding(self.model.get_text_features(**text)).float(), dim=-1)
         return self.scale() * (image_emb * text_emb).sum(-1)  # (B,)
 
@@ -87,10 +88,11 @@ class PickScore(CLIPScore):
 
 
 def _load_scorer(cls, name, model_id, processor_id, device):
-    """cls(model, processor) on `device`, failing fast with --reward and both repos in the message (sd3.hub_load)."""
-    from transformers import CLIPModel, CLIPProcessor
+    """cls(model, processor) on `device`, failing fast with --reward and both repos in the message (files.hub_load)."""
+    from files import hub_load, quiet_image_processors
 
-    from sd3 import hub_load
+    quiet_image_processors()
+    from transformers import CLIPModel, CLIPProcessor
 
     flag = f"--reward {name} (needs {' and '.join(dict.fromkeys([model_id, processor_id]))})"
     processor = hub_load(CLIPProcessor.from_pretrained, processor_id, flag, folder_ok=False)

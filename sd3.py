@@ -1,10 +1,9 @@
-"""SD3World: Stable Diffusion 3 / 3.5 as a stepgrpo world (INTERFACE.md), the paper's setup (METHOD.md §5).
+"""SD3World: Stable Diffusion 3 / 3.5 as a stepgrpo world (the interface in worlds.py), the paper's setup (METHOD §5).
 
 Wraps a diffusers StableDiffusion3Pipeline. encode: the pipeline's own encode_prompt (CLIP-L, CLIP-G, T5).
 velocity: one SD3Transformer2DModel forward, v ~ x1 - x0 at timestep 1000 t (METHOD §1), with classifier-free
-guidance from one doubled batch as the pipeline computes it. decode: the VAE. Also the built-in GenEval-style
-prompt splits (prompts/*.txt), read_prompts, save_lora, and hub_load / LoadError, the fail-fast loading that
-rewards.py shares.
+guidance from one doubled batch as the pipeline computes it (worlds.guided). decode: the VAE. Also the built-in
+GenEval-style prompt splits (prompts/*.txt); loading goes through files.hub_load, which fails fast.
 
 Notation: x -> x_t (B, C, H, W) latents; t -> t (B,) in [0, 1], 1 = noise; v -> v_theta(x_t, t, c);
 guidance -> g, CFG v = v_u + g (v_c - v_u) with v_u the empty prompt's velocity.
@@ -13,13 +12,22 @@ Choices (where the paper is silent, Flow-GRPO's):
 1. T5 context of 128 tokens, as Flow-GRPO encodes prompts (the pipeline's default is 256): shorter joint attention.
 2. VAE in float32, as Flow-GRPO: it is small (~84M parameters), so the images the reward scores cost no precision.
 3. The CFG negative is the empty prompt, encoded once.
-4. Text encoders wait on the CPU and visit the GPU only to encode prompts not yet cached (T5-XXL is ~9 GB in bf16).
+4. The text encoders (CLIP-L, CLIP-G, T5-XXL: ~11 GB in bf16) must not travel between CPU and GPU every iteration
+   (--text-encoders): precompute encodes every training and held-out prompt once, on the GPU, keeps the encodings
+   on the CPU (~1.7 MB a prompt at SD3.5's sizes) and frees the encoders; resident keeps them on the GPU and caches
+   what they encode; offload keeps them on the CPU and moves them in to encode uncached prompts. auto: precompute
+   when the encodings fit in PRECOMPUTE_GB of RAM, else resident when the GPU has room, else offload.
 """
 import os
 from collections import OrderedDict
 
 import torch
-from diffusers import StableDiffusion3Pipeline
+
+from files import hub_load, quiet_image_processors, read_prompts
+from worlds import chunks, guided
+
+quiet_image_processors()  # before diffusers' pipelines import transformers' image processors (files.py, choice 2)
+from diffusers import StableDiffusion3Pipeline  # noqa: E402
 
 PROMPT_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "prompts")
 TRAIN_PROMPTS = os.path.join(PROMPT_DIR, "geneval_train.txt")
@@ -27,101 +35,25 @@ EVAL_PROMPTS = os.path.join(PROMPT_DIR, "geneval_eval.txt")
 MAX_SEQUENCE_LENGTH = 128  # T5 tokens (CHOICE 1)
 CACHE_SIZE = 1024  # prompts whose encodings stay on the device: ~1.7 MB each for SD3.5 in bf16
 DECODE_CHUNK = 16  # images per VAE decode: 512 px activations of a whole rollout batch at once do not fit
-
-
-class LoadError(RuntimeError):
-    """A model, reward or prompt file that cannot be loaded; the message names the flag and what to do."""
-
-
-def read_prompts(path):
-    """The prompts of a text file, one a line, blank lines skipped; missing or empty is a LoadError naming --prompts."""
-    try:
-        with open(path, encoding="utf-8") as f:
-            prompts = [line.strip() for line in f if line.strip()]
-    except OSError as e:
-        raise LoadError(f"--prompts {path}: cannot read the file ({e.strerror}); give a text file, one prompt a line") from e
-    if not prompts:
-        raise LoadError(f"--prompts {path}: the file holds no prompts; give a text file, one prompt a line")
-    return prompts
-
-
-def hub_load(load, name, flag, folder_ok=True):
-    """load(name, **kwargs) from a local folder or a hub id, or a LoadError within seconds saying why and what to do.
-
-    A plain from_pretrained of a model that is neither cached nor reachable retries for about a minute, so the local
-    cache is tried first and the hub is asked with a short timeout before any download. folder_ok: whether the
-    flag also takes a local folder (--model does; --reward takes a name)."""
-    if os.path.isdir(name):
-        try:
-            return load(name)
-        except Exception as e:  # any failure here means the folder is not what the flag needs
-            raise LoadError(f"{flag}: the folder {name} does not hold a loadable model ({type(e).__name__}: {e})") from e
-    if name.startswith((".", "/", "~")) or name.count("/") != 1:
-        raise LoadError(f"{flag}: {name} is neither an existing folder nor a hub id of the form owner/name")
-    try:
-        return load(name, local_files_only=True)
-    except OSError:
-        pass  # not (fully) in the local cache: ask the hub below
-    problem = _hub_problem(name, folder_ok)
-    if problem:
-        raise LoadError(f"{flag}: cannot load {name}: {problem}")
-    return load(name)
-
-
-def _hub_problem(name, folder_ok):
-    """Why the hub cannot serve repo `name` to us now, or None; at most a few seconds."""
-    from huggingface_hub import auth_check, constants, errors, model_info
-
-    local = (f"or fill the local cache: `hf download {name}` where there is network, then copy "
-             "~/.cache/huggingface here (or point HF_HOME at it)")
-    if folder_ok:
-        local += ", or pass a local folder holding the model (a save_pretrained copy or a downloaded snapshot)"
-    if constants.HF_HUB_OFFLINE:
-        return f"it is not in the local Hugging Face cache and HF_HUB_OFFLINE=1 forbids downloading it; unset it, {local}"
-    try:
-        if model_info(name, timeout=5).gated:
-            auth_check(name)
-    except errors.GatedRepoError:
-        return (f"it is a gated repo: accept its licence on https://huggingface.co/{name}, then run "
-                f"`hf auth login` (huggingface_hub >= 1.0; formerly `huggingface-cli login`) or set HF_TOKEN, {local}")
-    except errors.RepositoryNotFoundError:
-        return f"no such repo on the hub (a private one needs `hf auth login`); check the name, {local}"
-    except Exception as e:  # network: DNS, proxy, firewall, timeout
-        return f"it is not in the local cache and the hub cannot be reached ({type(e).__name__}: {e}); connect, {local}"
-    return None
-
-
-def save_lora(transformer, directory):
-    """Save the transformer's peft LoRA so that pipe.load_lora_weights(directory) restores it exactly.
-
-    The adapter config goes along as metadata: without it diffusers assumes lora_alpha = r, and a LoRA trained
-    with alpha 64, rank 32 would load at half its scale."""
-    from peft import get_peft_model_state_dict
-
-    StableDiffusion3Pipeline.save_lora_weights(
-        directory,
-        transformer_lora_layers=get_peft_model_state_dict(transformer),
-        transformer_lora_adapter_metadata=transformer.peft_config["default"].to_dict(),
-    )
+PRECOMPUTE_GB = 8.0  # RAM the precomputed prompt encodings may take (CHOICE 4)
+HEADROOM_GB = 30.0  # GPU memory that training needs beside resident text encoders (CHOICE 4)
 
 
 class SD3World:
-    """The World of INTERFACE.md on a StableDiffusion3Pipeline; base weights frozen, the LoRA is train.py's."""
+    """The World of worlds.py on a StableDiffusion3Pipeline; base weights frozen, the LoRA is train.py's."""
 
     default_guidance = 4.5
 
     def __init__(self, pipe, device, dtype=torch.bfloat16, train_prompts=None, gradient_checkpointing=False,
-                 offload_text_encoders=True, resolution=512):
+                 text_encoders="auto", resolution=512):
         self.pipe, self.device, self.dtype = pipe, torch.device(device), dtype
         for module in pipe.components.values():
             if isinstance(module, torch.nn.Module):
                 module.requires_grad_(False).eval()
         self.transformer = pipe.transformer.to(self.device, dtype)
         pipe.vae.to(self.device, torch.float32)  # CHOICE 2
-        self.text_encoders = [m for m in (pipe.text_encoder, pipe.text_encoder_2, pipe.text_encoder_3) if m is not None]
-        self.offload = offload_text_encoders
-        for module in self.text_encoders:
-            module.to("cpu" if offload_text_encoders else self.device, dtype)
+        encoders = (pipe.text_encoder, pipe.text_encoder_2, pipe.text_encoder_3)
+        self.text_encoders = [m for m in encoders if m is not None]
         if gradient_checkpointing:
             self.transformer.enable_gradient_checkpointing()
         multiple = pipe.vae_scale_factor * pipe.patch_size
@@ -133,6 +65,36 @@ class SD3World:
         self.eval_prompts = read_prompts(EVAL_PROMPTS)
         self._cache = OrderedDict()  # prompt -> its encoding rows, least recently used first
         self._negative = None  # the empty prompt's encoding rows (CHOICE 3)
+        self.text_mode = self._text_mode(text_encoders)
+        for module in self.text_encoders:
+            module.to("cpu" if self.text_mode == "offload" else self.device, dtype)
+
+    def _text_mode(self, asked):
+        """CHOICE 4: what `auto` picks, by memory."""
+        if asked != "auto":
+            return asked
+        config = self.transformer.config
+        per_prompt = (77 + MAX_SEQUENCE_LENGTH) * config.joint_attention_dim * 2 + config.pooled_projection_dim * 2
+        if (len(self.train_prompts) + len(self.eval_prompts) + 1) * per_prompt <= PRECOMPUTE_GB * 1e9:
+            return "precompute"
+        if self.device.type != "cuda":
+            return "resident"
+        need = sum(p.numel() * 2 for m in self.text_encoders for p in m.parameters()) + HEADROOM_GB * 1e9
+        return "resident" if torch.cuda.mem_get_info(self.device)[0] >= need else "offload"
+
+    def _precompute(self):
+        """Encode every training and held-out prompt once, keep the rows on the CPU, free the encoders."""
+        prompts = list(dict.fromkeys(self.train_prompts + self.eval_prompts))
+        rows = []
+        for c in chunks(len(prompts), 64):
+            rows += [{k: v.cpu() for k, v in r.items()} for r in self._text_encode(prompts[c])]
+        self._negative = self._text_encode([""])[0]
+        self._cache.update(zip(prompts, rows))
+        for name in ("text_encoder", "text_encoder_2", "text_encoder_3"):
+            setattr(self.pipe, name, None)
+        self.text_encoders = []
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
 
     @classmethod
     def load(cls, model, device, dtype=torch.bfloat16, **kwargs):
@@ -144,7 +106,11 @@ class SD3World:
     @torch.no_grad()
     def encode(self, prompts):
         """Batch-first prompt_embeds, pooled_prompt_embeds and their negative_ twins (the empty prompt) for CFG."""
+        if self.text_mode == "precompute" and self._negative is None:
+            self._precompute()
         new = [p for p in dict.fromkeys(prompts) if p not in self._cache]
+        if new and self.text_mode == "precompute":
+            raise ValueError(f"prompt {new[0]!r} was not among the precomputed train and held-out prompts")
         if new or self._negative is None:
             rows = self._text_encode(new + [""] * (self._negative is None))
             if self._negative is None:
@@ -152,16 +118,17 @@ class SD3World:
             self._cache.update(zip(new, rows))
         for p in prompts:
             self._cache.move_to_end(p)
-        cond = {k: torch.stack([self._cache[p][k] for p in prompts]) for k in self._negative}
+        cond = {k: torch.stack([self._cache[p][k] for p in prompts]).to(self.device) for k in self._negative}
         # a view: every row shares the one copy of the empty prompt's encoding
         cond.update({"negative_" + k: v.expand(len(prompts), *v.shape) for k, v in self._negative.items()})
-        while len(self._cache) > CACHE_SIZE:
+        while len(self._cache) > CACHE_SIZE and self.text_mode != "precompute":
             self._cache.popitem(last=False)
         return cond
 
     def _text_encode(self, prompts):
         """One encoding dict per prompt, from the pipeline's encode_prompt on the device (CHOICE 4)."""
-        if self.offload:
+        offload = self.text_mode == "offload"
+        if offload:
             for module in self.text_encoders:
                 module.to(self.device)
         try:
@@ -169,12 +136,12 @@ class SD3World:
                 prompts, None, None, device=self.device, do_classifier_free_guidance=False,
                 max_sequence_length=MAX_SEQUENCE_LENGTH)
         finally:
-            if self.offload:
+            if offload:
                 for module in self.text_encoders:
                     module.to("cpu")
         return [{"prompt_embeds": e, "pooled_prompt_embeds": p} for e, p in zip(embeds, pooled)]
 
-    def velocity(self, x, t, cond, guidance):
+    def velocity(self, x, t, cond, guidance, detach_uncond=False):
         """v_theta(x_t, t, c) in float32; guidance g != 1: v_u + g (v_c - v_u) from one batch [uncond; cond]."""
         embeds, pooled = cond["prompt_embeds"], cond["pooled_prompt_embeds"]
         if guidance != 1:
@@ -186,7 +153,7 @@ class SD3World:
         if guidance == 1:
             return v
         v_u, v_c = v.chunk(2)
-        return v_u + guidance * (v_c - v_u)
+        return guided(v_u, v_c, guidance, detach_uncond)
 
     @torch.no_grad()
     def decode(self, x0):

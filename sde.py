@@ -57,18 +57,22 @@ def gaussian_log_prob(x, mean, std):
     return torch.where(std.flatten() > 0, lp.mean(dim=tuple(range(1, x.dim()))), 0.0)
 
 
-def _gaussian_step(mean, std, x_t, prev_sample, generator):
-    """Sample x_s ~ N(mean, std^2) (or take the stored one) and score it; float64 inside, x_t's dtype out."""
+def _gaussian_step(mean, std, x_t, prev_sample, noise):
+    """x_s = mean + std * noise (or the stored x_s) and its score; float64 inside, x_t's dtype out.
+
+    noise None is allowed only where std is 0 (the ODE): a random step must never run on forgotten noise."""
+    if prev_sample is None and noise is None:
+        if (std > 0).any():
+            raise ValueError("a step of std > 0 needs its noise")
+        prev_sample = mean
     if prev_sample is None:
-        # Noise is drawn on the CPU generator so that a run is reproducible on any device and resumable bit for bit.
-        noise = torch.randn(x_t.shape, generator=generator, dtype=torch.float32).to(x_t.device, torch.float64)
-        prev_sample = (mean + std * noise).to(x_t.dtype)
+        prev_sample = (mean + std * noise.to(x_t.device, torch.float64)).to(x_t.dtype)
     # Score the sample as stored (rounded to x_t's dtype), so that re-scoring it later gives the same number.
     log_prob = gaussian_log_prob(prev_sample.double(), mean, std.flatten())
     return prev_sample.to(x_t.dtype), log_prob.float(), mean.to(x_t.dtype), std.flatten().float()
 
 
-def flow_grpo_step(x_t, v, t, s, noise_level, prev_sample=None, generator=None):
+def flow_grpo_step(x_t, v, t, s, noise_level, prev_sample=None, noise=None):
     """Flow-GRPO's SDE step t -> s (METHOD §2); noise_level = a (0.7 in Flow-GRPO)."""
     # float64: bf16 overflows in sigma_t^2 / (2t) near t = 1, and the log-ratio of two float32 log-probs is noisy.
     x, v = x_t.double(), v.double()
@@ -78,7 +82,7 @@ def flow_grpo_step(x_t, v, t, s, noise_level, prev_sample=None, generator=None):
     sigma_t = noise_level * torch.sqrt(t / (1 - torch.where(t == 1, s, t)))
     mean = x + (v + sigma_t**2 / (2 * t) * (x + (1 - t) * v)) * dt
     std = (sigma_t * torch.sqrt(-dt)).expand(x.shape[0], *([1] * (x.dim() - 1)))  # (B, 1, ...)
-    return _gaussian_step(mean, std, x_t, prev_sample, generator)
+    return _gaussian_step(mean, std, x_t, prev_sample, noise)
 
 
 def ddim_sigma(t, s, eta):
@@ -92,26 +96,28 @@ def ddim_sigma(t, s, eta):
     return sigma
 
 
-def ddim_step(x_t, v, t, s, eta, prev_sample=None, generator=None):
+def ddim_step(x_t, v, t, s, eta, prev_sample=None, noise=None):
     """The paper's DDIM-inspired SDE step t -> s (METHOD §2); eta = 0 is the Euler ODE step."""
     x, v = x_t.double(), v.double()
     t, s = _per_sample(t, x), _per_sample(s, x)
     x0_hat, x1_hat = tweedie(x, v, t)
     sigma = ddim_sigma(t, s, eta)
-    # The noise part keeps total variance s^2 (the rectified-flow level at s): s^2 - sigma^2 from x1_hat, sigma^2 fresh.
+    # The noise part keeps total variance s^2 (the rectified-flow level at s): s^2 - sigma^2 from x1_hat, sigma^2
+    # fresh.
     mean = (1 - s) * x0_hat + torch.sqrt(s**2 - sigma**2) * x1_hat
     std = sigma.expand(x.shape[0], *([1] * (x.dim() - 1)))
-    return _gaussian_step(mean, std, x_t, prev_sample, generator)
+    return _gaussian_step(mean, std, x_t, prev_sample, noise)
 
 
 SAMPLERS = {"ddim": ddim_step, "flow_grpo": flow_grpo_step}
 
 
 @torch.no_grad()
-def rollout(velocity_fn, x1, sigmas, step_fn, generator=None):
+def rollout(velocity_fn, x1, sigmas, step_fn, noise):
     """Sample whole trajectories from x1 down the schedule `sigmas` with the stochastic step `step_fn`.
 
-    step_fn(x_t, v, t, s, prev_sample=None, generator=None) is ddim_step or flow_grpo_step with its noise bound.
+    step_fn(x_t, v, t, s, prev_sample=None, noise=None) is ddim_step or flow_grpo_step with its noise bound; noise
+    (B, T, ...) is the standard normal noise of every step, drawn by the caller (worlds.group_noise says why).
     Returns states (B, T+1, ...) in sampling order (states[:, 0] = x1, states[:, T] = the final sample), and per
     transition k (state k -> k+1): log_probs (B, T), stds (B, T), and velocities (B, T, ...), which ode_x0 reuses.
     Re-scoring transition k needs only states[:, k], states[:, k+1], sigmas[k] and sigmas[k+1].
@@ -121,8 +127,11 @@ def rollout(velocity_fn, x1, sigmas, step_fn, generator=None):
     for k in range(len(sigmas) - 1):
         t = sigmas[k].expand(B).to(x.device)
         v = velocity_fn(x, t)
-        x, log_prob, _, std = step_fn(x, v, sigmas[k], sigmas[k + 1], generator=generator)
-        states.append(x), log_probs.append(log_prob), stds.append(std), velocities.append(v)
+        x, log_prob, _, std = step_fn(x, v, sigmas[k], sigmas[k + 1], noise=None if noise is None else noise[:, k])
+        states.append(x)
+        log_probs.append(log_prob)
+        stds.append(std)
+        velocities.append(v)
     return dict(states=torch.stack(states, 1), log_probs=torch.stack(log_probs, 1),
                 stds=torch.stack(stds, 1), velocities=torch.stack(velocities, 1))
 

@@ -80,7 +80,7 @@ def test_flow_grpo_sde_with_exact_velocity_ends_at_the_data_distribution():
     ts = torch.linspace(0.98, 0.0, 400, dtype=torch.float64)
     x, g = flow.marginal(n, float(ts[0])), torch.Generator().manual_seed(1)
     for t, s in zip(ts[:-1], ts[1:]):
-        x = sde.flow_grpo_step(x, flow.velocity(x, t), t, s, 0.7, generator=g)[0]
+        x = sde.flow_grpo_step(x, flow.velocity(x, t), t, s, 0.7, noise=torch.randn(x.shape, generator=g))[0]
     # Standard errors of the sample mean and variance: s0 / sqrt(n) and s0^2 sqrt(2 / n); allow 5 of each.
     assert abs(x.mean() - 0.7) < 5 * 0.5 / math.sqrt(n), f"mean {x.mean():.4f}: SDE drift is biased"
     assert abs(x.var() - 0.25) < 5 * 0.25 * math.sqrt(2 / n) + 0.003, f"variance {x.var():.4f}, want 0.25"
@@ -93,7 +93,7 @@ def test_ddim_sde_lands_exactly_on_the_marginal_for_point_mass_data(eta):
     levels = sde.sigmas(10).double()
     x, g = flow.marginal(n, 1.0), torch.Generator().manual_seed(2)
     for t, s in zip(levels[:-1], levels[1:]):
-        x = sde.ddim_step(x, flow.velocity(x, t), t, s, eta, generator=g)[0]
+        x = sde.ddim_step(x, flow.velocity(x, t), t, s, eta, noise=torch.randn(x.shape, generator=g))[0]
         z = (x - (1 - s) * 0.7) / max(float(s), 1e-12)  # should be exactly N(0, 1)
         if s > 0:
             assert abs(z.mean()) < 5 / math.sqrt(n) and abs(z.var() - 1) < 5 * math.sqrt(2 / n), \
@@ -109,7 +109,7 @@ def test_ddim_sde_variance_shortfall_on_spread_data_grows_with_eta():
     for eta in (0.0, 0.3, 0.7):
         x, g = flow.marginal(n, 0.98, seed=3), torch.Generator().manual_seed(4)  # common random numbers
         for t, s in zip(ts[:-1], ts[1:]):
-            x = sde.ddim_step(x, flow.velocity(x, t), t, s, eta, generator=g)[0]
+            x = sde.ddim_step(x, flow.velocity(x, t), t, s, eta, noise=torch.randn(x.shape, generator=g))[0]
         finals[eta] = float(x.std())
     assert abs(finals[0.0] - 0.5) < 0.012, f"the ODE (eta 0) should nearly reach std 0.5, got {finals[0.0]:.4f}"
     assert finals[0.0] > finals[0.3] > finals[0.7], f"shortfall should grow with eta: {finals}"
@@ -121,7 +121,7 @@ def test_ddim_sde_variance_shortfall_on_spread_data_grows_with_eta():
 def test_log_prob_is_the_normal_density_averaged_and_rescoring_is_identical(step, noise, t, s):
     """log_prob = mean of Normal(mean, std).log_prob(x_s) over elements, and re-scoring the sample gives it back."""
     x, v = torch.randn(4, 3, 8, 8), torch.randn(4, 3, 8, 8)
-    x_s, log_prob, mean, std = step(x, v, t, s, noise, generator=torch.Generator().manual_seed(0))
+    x_s, log_prob, mean, std = step(x, v, t, s, noise, noise=torch.randn(x.shape))
     ref = torch.distributions.Normal(mean.double(), std.double().reshape(-1, 1, 1, 1)).log_prob(x_s.double())
     assert torch.allclose(log_prob.double(), ref.mean(dim=(1, 2, 3)), atol=1e-5), "log-density formula is off"
     again = step(x, v, t, s, noise, prev_sample=x_s)[1]
@@ -132,7 +132,7 @@ def test_log_prob_is_the_normal_density_averaged_and_rescoring_is_identical(step
 def test_steps_run_in_float32_or_wider_for_bf16_inputs():
     """A bf16 state still gets a finite log-probability: the arithmetic runs in float64 inside."""
     x, v = torch.randn(2, 4, 8, 8).bfloat16(), torch.randn(2, 4, 8, 8).bfloat16()
-    x_s, log_prob, _, _ = sde.flow_grpo_step(x, v, 1.0, 0.96, 0.7, generator=torch.Generator().manual_seed(0))
+    x_s, log_prob, _, _ = sde.flow_grpo_step(x, v, 1.0, 0.96, 0.7, noise=torch.randn(x.shape))
     assert x_s.dtype == torch.bfloat16 and log_prob.dtype == torch.float32 and torch.isfinite(log_prob).all()
 
 
@@ -141,7 +141,15 @@ def test_ddim_step_rejects_an_eta_that_makes_sigma_reach_s():
     x = torch.randn(2, 3)
     with pytest.raises(ValueError, match=r"eta=1.5 .* eta < 1\.0260"):
         sde.ddim_step(x, x, 0.05, 0.04, 1.5)
-    sde.ddim_step(x, x, 0.05, 0.04, 0.99)  # every eta < 1 is valid
+    sde.ddim_step(x, x, 0.05, 0.04, 0.99, noise=torch.randn_like(x))  # every eta < 1 is valid
+
+
+def test_a_random_step_without_noise_is_refused():
+    """Only a step of std 0 may run without noise: a forgotten noise must not silently make the sampler the ODE."""
+    x = torch.randn(2, 3)
+    with pytest.raises(ValueError, match="needs its noise"):
+        sde.ddim_step(x, x, 0.5, 0.4, 0.5)
+    assert torch.equal(sde.ddim_step(x, x, 0.5, 0.4, 0.0)[0], sde.ddim_step(x, x, 0.5, 0.4, 0.0, noise=x)[0])
 
 
 def test_steps_accept_per_sample_times():
@@ -154,20 +162,21 @@ def test_steps_accept_per_sample_times():
     assert torch.allclose(batched, rows), "per-sample times are mixed up across the batch"
 
 
-def test_rollout_shapes_rescoring_and_same_seed_same_result():
-    """rollout returns (B, T+1, ...) states; re-scoring each transition gives ratio exactly 1; seeds reproduce."""
+def test_rollout_shapes_rescoring_and_same_noise_same_result():
+    """rollout returns (B, T+1, ...) states; re-scoring each transition gives ratio exactly 1; noise reproduces."""
     flow, levels = GaussianFlow(), sde.sigmas(6)
     x1 = torch.randn(4, 2, 3, 3)
+    noise = torch.randn(4, 6, 2, 3, 3)
     step = lambda *a, **k: sde.flow_grpo_step(*a, noise_level=0.7, **k)
-    out = sde.rollout(flow.velocity, x1, levels, step, torch.Generator().manual_seed(5))
+    out = sde.rollout(flow.velocity, x1, levels, step, noise)
     assert out["states"].shape == (4, 7, 2, 3, 3) and out["log_probs"].shape == (4, 6)
     assert torch.equal(out["states"][:, 0], x1)
     for k in range(6):
         lp = step(out["states"][:, k], out["velocities"][:, k], levels[k], levels[k + 1],
                   prev_sample=out["states"][:, k + 1])[1]
         assert torch.equal(lp, out["log_probs"][:, k]), f"ratio at step {k} is not exactly 1 on-policy"
-    again = sde.rollout(flow.velocity, x1, levels, step, torch.Generator().manual_seed(5))
-    assert torch.equal(again["states"], out["states"]), "same seed must give the same trajectories"
+    again = sde.rollout(flow.velocity, x1, levels, step, noise.clone())
+    assert torch.equal(again["states"], out["states"]), "the same noise must give the same trajectories"
 
 
 def test_ode_x0_with_one_substep_is_tweedie_and_with_many_is_the_exact_flow_map():
@@ -243,10 +252,36 @@ def test_grpo_loss_value_and_gradient_at_ratio_one_and_past_the_clip():
     assert torch.allclose(lp.grad, torch.tensor([0.0, r])), "the clip must stop the gradient only where it binds"
 
 
-def test_kl_penalty_is_the_squared_mean_gap_over_twice_the_variance():
-    """Gaussians of std 0.5 whose means differ by 1 everywhere: KL = 1 / (2 * 0.25) = 2."""
+def test_kl_penalty_is_the_squared_mean_gap_over_twice_the_variance_times_the_step_length():
+    """Gaussians of std 0.5 whose means differ by 1 everywhere: KL = 1 / (2 * 0.25) = 2; over |dt| = 0.1: 0.2."""
     mean = torch.zeros(2, 3, 4)
-    assert torch.allclose(stepgrpo.kl_penalty(mean, mean + 1, torch.tensor([0.5, 0.5])), torch.tensor([2.0, 2.0]))
+    kl = stepgrpo.kl_penalty(mean, mean + 1, torch.tensor([0.5, 0.5]), dt=-0.1)
+    assert torch.allclose(kl, torch.tensor([0.2, 0.2])), "the KL must be the per-step Gaussian KL times |dt|"
+
+
+@pytest.mark.parametrize("t,s", [(1.0, 0.96), (0.6022, 0.4649), (0.278, 0.0089)])
+def test_kl_penalty_on_the_flow_grpo_sde_is_flow_grpos_own_kl_term(t, s):
+    """Flow-GRPO's KL is |mean - ref_mean|^2 / (2 sigma_t^2), sigma_t = a sqrt(t / (1 - t)) (s at t = 1), no dt:
+    kl_penalty of the step's own std and dt must equal it, so that Flow-GRPO's beta values carry over."""
+    x, v, v_ref = torch.randn(3, 4, 8, 8), torch.randn(3, 4, 8, 8), torch.randn(3, 4, 8, 8)
+    _, _, mean, std = sde.flow_grpo_step(x, v, t, s, 0.7, prev_sample=x)
+    ref_mean = sde.flow_grpo_step(x, v_ref, t, s, 0.7, prev_sample=x)[2]
+    sigma_t = 0.7 * math.sqrt(t / (1 - (s if t == 1 else t)))  # sd3_sde_with_logprob.py's std_dev_t
+    theirs = ((mean.double() - ref_mean.double()) ** 2).mean(dim=(1, 2, 3)) / (2 * sigma_t**2)
+    ours = stepgrpo.kl_penalty(mean, ref_mean, std, s - t)
+    assert torch.allclose(ours.double(), theirs, rtol=1e-4), "the KL's scale differs from Flow-GRPO's"
+
+
+def test_global_std_divides_every_group_by_the_batchs_std_for_both_credits():
+    """--global-std: group means stay, the std is the whole batch's (of the rewards, or of all the gains)."""
+    r = torch.rand(8, 5, dtype=torch.float64)
+    groups = torch.tensor([0, 0, 0, 0, 1, 1, 1, 1])
+    g = stepgrpo.gains(r)
+    means = torch.stack([g[groups == i].mean() for i in groups])[:, None]
+    want = (g - means) / (g.std(unbiased=False) + stepgrpo.EPS)
+    got = stepgrpo.stepwise_advantages(r, groups, adv_clip=100.0, global_std=True)
+    assert torch.allclose(got, want), "the stepwise advantage ignores --global-std"
+    assert not torch.allclose(got, stepgrpo.stepwise_advantages(r, groups, adv_clip=100.0)), "global std had no effect"
 
 
 def test_policy_stats_on_policy_report_ratio_one_and_nothing_clipped():
@@ -258,19 +293,34 @@ def test_policy_stats_on_policy_report_ratio_one_and_nothing_clipped():
 # --------------------------------------------------------------------------------------------------------- train.py
 import dataclasses
 import json
+import shutil
 import signal
+import subprocess
+import sys
 
+import config
+import files
+import learner
+import parallel
 import rewards
 import train
+import worlds
 
 
 def tiny(tmp_path, **overrides):
     """A toy run small enough for seconds on 2 CPU cores: 2 prompts x 2 trajectories, T = 4, 20 pretraining steps."""
-    cfg = train.toy(train.Config())
+    cfg = config.toy(config.Config())
     cfg = dataclasses.replace(cfg, out=str(tmp_path / "run"), cache_dir=str(tmp_path.parent / "toy_cache"),
                               pretrain_steps=20, steps=2, prompts_per_step=2, group_size=2, num_steps=4,
                               tweedie_substeps=2, eval_steps=2, eval_every=1, micro_batch=2, lr=1e-2)
     return dataclasses.replace(cfg, **overrides)
+
+
+def dead_ends(transformer):
+    """The LoRA B's that get no gradient: a context_pre_only block (SD3's last) discards its text outputs, so its
+    text-stream query add_q_proj reaches nothing (Flow-GRPO adapts it all the same); B starts at 0 and stays."""
+    return [f"transformer_blocks.{i}.attn.add_q_proj.lora_B.weight"
+            for i, block in enumerate(transformer.transformer_blocks) if block.context_pre_only]
 
 
 def lora_state(out):
@@ -295,11 +345,11 @@ def test_a_tiny_training_run_writes_its_outputs_and_changes_only_the_lora(tmp_pa
     torch.manual_seed(cfg.seed)
     from peft import LoraConfig, get_peft_model_state_dict
     init.transformer.add_adapter(LoraConfig(r=cfg.lora_rank, lora_alpha=cfg.lora_alpha, init_lora_weights="gaussian",
-                                            target_modules=["to_k", "to_q", "to_v", "to_out.0"]))
+                                            target_modules=learner.LORA_TARGETS))
     before, after = get_peft_model_state_dict(init.transformer), lora_state(cfg.out)
     assert before.keys() == after.keys()
     unchanged = [k for k in before if torch.equal(before[k].float(), after[k])]
-    assert not unchanged, f"LoRA parameters never updated: {unchanged[:3]}"
+    assert unchanged == dead_ends(init.transformer), f"LoRA parameters never updated: {unchanged[:3]}"
     assert all(torch.equal(base[k], v) for k, v in toy.ToyWorld("cpu", tmp_path.parent / "toy_cache",
                                                                 pretrain_steps=20).transformer.state_dict().items())
 
@@ -337,7 +387,7 @@ def test_ctrl_c_finishes_the_iteration_and_writes_a_checkpoint(tmp_path, monkeyp
 def test_non_finite_losses_skip_updates_then_stop_the_run_with_a_checkpoint(tmp_path, monkeypatch):
     """A NaN reward makes NaN advantages: updates are skipped, and 3 in a row stop the run with a clear error."""
     monkeypatch.setitem(rewards.REWARDS, "nan", lambda device: lambda images, prompts: torch.full((len(prompts),), math.nan))
-    cfg = tiny(tmp_path, reward="nan", steps=5, eval_every=10, micro_batch=4)
+    cfg = tiny(tmp_path, reward="nan", steps=5, eval_every=10, micro_batch=4, updates_per_iteration=1)
     with pytest.raises(RuntimeError, match="non-finite losses in a row"):
         train.main(cfg)
     assert torch.load(os.path.join(cfg.out, "ckpt.pt"), weights_only=False)["it"] == 3
@@ -380,10 +430,11 @@ def test_each_bad_flag_is_rejected_before_any_work_with_its_name(tmp_path, flag,
 @pytest.mark.parametrize("sampler, left_out", [("ddim", [0, 8, 9]), ("flow_grpo", [9])])
 def test_policy_trains_the_random_steps_whose_std_is_not_tiny(sampler, left_out):
     """Std-0 steps and the step of tiny std (into or out of s = 0.009) are left out; --std-floor 0 keeps the latter."""
-    cfg = dataclasses.replace(train.Config(), sampler=sampler)
-    assert train.policy(cfg)[2] == [k for k in range(10) if k not in left_out]
+    cfg = dataclasses.replace(config.Config(), sampler=sampler)
+    assert learner.policy(cfg).trained == [k for k in range(10) if k not in left_out]
     deterministic = [0, 9] if sampler == "ddim" else []
-    assert train.policy(dataclasses.replace(cfg, std_floor=0))[2] == [k for k in range(10) if k not in deterministic]
+    everything = learner.policy(dataclasses.replace(cfg, std_floor=0)).trained
+    assert everything == [k for k in range(10) if k not in deterministic]
 
 
 def test_snr_script_measures_every_variant_on_one_set_of_rollouts(tmp_path, capsys):
@@ -398,12 +449,273 @@ def test_snr_script_measures_every_variant_on_one_set_of_rollouts(tmp_path, caps
 
 def test_flags_override_the_preset_and_unknown_flags_are_named(capsys):
     """--group-size 4 overrides the toy preset; --group-sise is an argparse error naming it."""
-    cfg = train.parse_args(["--group-size", "4", "--shared-noise", "false"])
-    assert cfg.group_size == 4 and cfg.shared_noise is False and cfg.lora_rank == train.toy(train.Config()).lora_rank
+    cfg = config.parse_args(["--group-size", "4", "--shared-noise", "false"])
+    assert cfg.group_size == 4 and cfg.shared_noise is False and cfg.lora_rank == config.toy(config.Config()).lora_rank
     with pytest.raises(SystemExit):
-        train.parse_args(["--group-sise", "4"])
+        config.parse_args(["--group-sise", "4"])
     assert "--group-sise" in capsys.readouterr().err
-    assert train.parse_args(["--model", "some/sd3"]).reward == "pickscore", "an SD3 model takes the sd35 preset"
+    assert config.parse_args(["--model", "some/sd3"]).reward == "pickscore", "an SD3 model takes the sd35 preset"
+
+
+DRIVER = """
+import json, os, runpy, sys, traceback
+import train, sd3, toy  # imported once: every case forks from this interpreter, so none pays a cold start
+toy.ToyWorld("cpu", sys.argv[2], pretrain_steps=2)  # the cases that get as far as a world load this cache
+results = []
+for argv in json.loads(sys.argv[1]):
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        os.dup2(write, 1)
+        os.dup2(write, 2)
+        sys.argv = ["train.py"] + argv
+        code = 0
+        try:
+            runpy.run_path("train.py", run_name="__main__")
+        except SystemExit as e:
+            code = e.code if isinstance(e.code, int) else 1
+        except BaseException:
+            traceback.print_exc()
+            code = 1
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    os.close(write)
+    with os.fdopen(read) as f:
+        output = f.read()
+    results.append((argv, os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1]), output))
+print(json.dumps(results))
+"""
+
+
+def test_every_user_mistake_ends_in_one_error_line_and_exit_code_2(tmp_path):
+    """Bad flags, prompt files, checkpoints, output folders and models: each run of train.py (a process forked
+    from one that imported it) exits with 2 and ends in one line `train.py: error: ...`, with no traceback."""
+    (tmp_path / "empty.txt").write_text("\n\n")
+    (tmp_path / "foreign.txt").write_text("a photo of a cat\n")
+    (tmp_path / "binary.txt").write_bytes(b"\xff\xfe\x00\x81")
+    (tmp_path / "corrupt").mkdir()
+    (tmp_path / "corrupt" / "ckpt.pt").write_text("12 not a checkpoint")
+    (tmp_path / "other").mkdir()
+    torch.save(dict(lora={}, opt={"state": {}, "param_groups": []}, ema={}, it=1, history=[], world_size=1),
+               tmp_path / "other" / "ckpt.pt")
+    (tmp_path / "a_file").write_text("")
+    (tmp_path / "not_a_model").mkdir()
+    world = ["--pretrain-steps", "2", "--cache-dir", str(tmp_path / "cache")]
+    cases = [["--group-size", "1"], ["--shared-noise", "maybe"], ["--steps", "abc"], ["--group-sise", "4"],
+             ["--eta", "5"], ["--advantage", "ppo"], ["--sampler", "euler"], ["--reward", "hps"], ["--lr", "0"],
+             ["--std-floor", "1.5"], ["--tweedie-substeps", "0"], ["--ema-decay", "1"], ["--guidance", "0.5"],
+             ["--text-encoders", "fast"], ["--micro-batch", "0"], ["--num-steps", "1"], ["--eval-repeats", "0"],
+             ["--updates-per-iteration", "3"], ["--prompts", "/no/such/file.txt"],
+             ["--prompts", str(tmp_path / "empty.txt")] + world, ["--prompts", str(tmp_path / "foreign.txt")] + world,
+             ["--prompts", str(tmp_path / "binary.txt")] + world, ["--resume", "true", "--out", str(tmp_path / "none")],
+             ["--resume", "true", "--out", str(tmp_path / "corrupt")] + world,
+             ["--resume", "true", "--out", str(tmp_path / "other")] + world,
+             ["--out", str(tmp_path / "a_file")] + world, ["--prompts-per-step", "1000"] + world,
+             ["--model", "nobody/no-such-sd3-model"], ["--model", "/no/such/folder"],
+             ["--model", str(tmp_path / "not_a_model")]]
+    env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONPATH=os.path.dirname(os.path.abspath(__file__)))
+    done = subprocess.run([sys.executable, "-c", DRIVER, json.dumps(cases), str(tmp_path / "cache")], env=env,
+                          capture_output=True, text=True, timeout=600, cwd=os.path.dirname(os.path.abspath(__file__)))
+    assert done.returncode == 0, done.stderr[-2000:]
+    for argv, code, output in json.loads(done.stdout.splitlines()[-1]):
+        lines = [line for line in output.splitlines() if line.strip()]
+        assert "Traceback" not in output, f"{argv}: a user's mistake printed a traceback:\n{output[-1500:]}"
+        assert code == 2 and lines and lines[-1].startswith("train.py: error: "), f"{argv}: exit {code}, {lines[-3:]}"
+        assert sum("error" in line for line in lines) == 1, f"{argv}: more than one error line: {lines}"
+
+
+def test_the_flow_grpo_advantage_runs_with_flow_grpos_own_settings_unless_told_otherwise():
+    """--advantage flow_grpo: global std and a noise per trajectory (Flow-GRPO's SD3 configs); flags still win."""
+    baseline = config.parse_args(["--advantage", "flow_grpo"])
+    assert baseline.global_std is True and baseline.shared_noise is False, "the baseline must run as Flow-GRPO does"
+    stepwise = config.parse_args([])
+    assert stepwise.global_std is False and stepwise.shared_noise is True, "stepwise keeps METHOD §3-4's settings"
+    told = config.parse_args(["--advantage", "flow_grpo", "--global-std", "false", "--shared-noise", "true"])
+    assert told.global_std is False and told.shared_noise is True, "a given flag must override the method's preset"
+
+
+def test_help_shows_each_flags_meaning_and_its_choices(capsys):
+    """--help prints every Config field's comment, and the valid values of the enumerated ones."""
+    with pytest.raises(SystemExit):
+        config.parse_args(["--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "{stepwise,flow_grpo}" in text and "{ddim,flow_grpo}" in text, "enumerated flags must list their values"
+    for comment in config._comments().values():
+        assert " ".join(comment.split())[:30] in text, f"--help lacks the field comment {comment!r}"
+
+
+def test_update_order_gives_every_update_a_share_of_every_group_and_mixed_micro_batches():
+    """G = 3, N = 4, U = 2: each update holds 2 members of each group; micro-batches of 3 hold 3 prompts."""
+    order = worlds.update_order(3, 4, 2)
+    groups = order // 4
+    assert sorted(order.tolist()) == list(range(12)), "the order must be a permutation of the trajectories"
+    plan = worlds.micro_batches(12, 2, 3)
+    assert [[(c.start, c.stop) for c in u] for u in plan] == [[(0, 3), (3, 6)], [(6, 9), (9, 12)]]
+    for u in plan:
+        held = torch.cat([groups[c] for c in u])
+        assert torch.equal(held.bincount(minlength=3), torch.tensor([2, 2, 2])), "an update misses a group"
+        assert all(len(set(groups[c].tolist())) == 3 for c in u), "a micro-batch holds a single prompt"
+
+
+@pytest.mark.parametrize("updates", [1, 2, 4])
+def test_one_optimizer_step_per_update_and_the_first_ratio_is_exactly_one(tmp_path, monkeypatch, updates):
+    """--updates-per-iteration U: exactly U AdamW steps an iteration, and the first micro-batch, re-scored before
+    any of them, has ratio exactly 1 (sampling and training cut the same micro-batches)."""
+    steps = []
+    adamw_step = torch.optim.AdamW.step
+    monkeypatch.setattr(torch.optim.AdamW, "step", lambda self, *a, **k: steps.append(1) or adamw_step(self, *a, **k))
+    cfg = tiny(tmp_path, steps=2, eval_every=10, group_size=4, micro_batch=2, updates_per_iteration=updates)
+    rows = train.main(cfg)["history"][:2]
+    assert len(steps) == 2 * updates, f"{len(steps)} optimizer steps in 2 iterations, want {2 * updates}"
+    assert all(r["ratio_first"] == 1.0 for r in rows), "the first micro-batch must be re-scored on-policy"
+    assert all("kl" in r and "policy_loss" in r for r in rows), "the KL must be logged on its own"
+
+
+def test_a_repeated_state_is_estimated_once_with_the_same_result():
+    """A group sharing x_T has one x_T, and the DDIM SDE's deterministic first step one x^(1): x0_estimates runs
+    the model on each distinct state once, and gives what estimating every state would."""
+    calls = []
+
+    class World:
+        def velocity(self, x, t, cond, guidance):
+            calls.append(len(x))
+            return torch.tanh(x * cond["c"][:, None] + t[:, None])
+
+    cfg = dataclasses.replace(config.Config(), group_size=3, prompts_per_step=2, num_steps=4, micro_batch=6)
+    pi = learner.policy(cfg)
+    G, N, T = 2, 3, 4
+    groups = torch.arange(G).repeat_interleave(N)
+    cond = {"c": groups.float() + 1}
+    x1 = torch.randn(G, 5).repeat_interleave(N, 0)
+    out = worlds.sample(World(), cond, x1, torch.randn(G * N, T, 5), pi.levels, pi.step_fn, 1.0, [slice(0, 6)])
+    calls.clear()
+    x0, source = worlds.x0_estimates(World(), out, cond, groups, pi.levels, 2, 0, 1.0)
+    n = int(worlds.is_source(source[:, :T]).sum())
+    assert n == G * N * T - 2 * G * (N - 1), f"{n} states estimated: x_T and x^(1) must be estimated once a group"
+    assert calls == [n], "the substep after the reused velocity runs once, over the distinct states only"
+    states, v = out["states"][:, :T].flatten(0, 1), out["velocities"].flatten(0, 1)
+    rep = torch.arange(G * N).repeat_interleave(T)
+    every = sde.ode_x0(lambda x, t: World().velocity(x, t, {"c": cond["c"][rep]}, 1.0), states,
+                       pi.levels[:T].repeat(G * N), 2, v=v)
+    assert torch.allclose(x0[:, :T].flatten(0, 1), every, atol=1e-6), "a shared estimate differs from its own"
+
+
+def test_ema_follows_flow_grpos_rule_and_only_lends_its_weights():
+    """decay 0.9 every 2 steps: after steps n = 1 and 3 (0-based), d = min((1 + n) / (10 + n), 0.9); swapped()
+    puts the average in place and restores the live weights after."""
+    p = torch.nn.Parameter(torch.zeros(3))
+    ema = learner.EMA([p], 0.9, 2)
+    shadow = torch.zeros(3)
+    for n, value in enumerate([1.0, 2.0, 3.0, 4.0]):
+        p.data.fill_(value)
+        ema.step()
+        if (n + 1) % 2 == 0:
+            d = min((1 + n) / (10 + n), 0.9)
+            shadow = shadow + (1 - d) * (value - shadow)
+    assert torch.allclose(ema.shadow[0], shadow), f"EMA {ema.shadow[0]} differs from Flow-GRPO's rule {shadow}"
+    with ema.swapped():
+        assert torch.allclose(p, shadow), "evaluation must see the averaged weights"
+    assert torch.equal(p.data, torch.full((3,), 4.0)), "training must go on with the live weights"
+    off = learner.EMA([p], 0.0, 8)
+    off.step()
+    with off.swapped():
+        assert torch.equal(p.data, torch.full((3,), 4.0)), "decay 0 must leave the live weights in place"
+
+
+# ------------------------------------------------------------------------------------------------------ parallel.py
+SPY = """
+import builtins, os, runpy, sys
+log = open(os.environ["WRITES_LOG"] + "." + os.environ["RANK"], "w")
+real_open = builtins.open
+
+
+def spying_open(file, mode="r", *args, **kwargs):  # record every file a rank opens for writing
+    if any(c in mode for c in "wax+"):
+        log.write(f"{file}\\n")
+        log.flush()
+    return real_open(file, mode, *args, **kwargs)
+
+
+builtins.open = spying_open
+sys.argv = ["train.py"] + sys.argv[1:]
+runpy.run_path("train.py", run_name="__main__")
+"""
+
+
+def as_flags(cfg):
+    return [f"--{k.replace('_', '-')}={v}" for k, v in dataclasses.asdict(cfg).items()]
+
+
+def torchrun(cfg, tmp_path, name):
+    """train.py under `torchrun --standalone --nproc_per_node 2` (gloo on the CPU), each rank's writes recorded."""
+    root = os.path.dirname(os.path.abspath(__file__))
+    (tmp_path / "spy.py").write_text(SPY)
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=root, WRITES_LOG=str(tmp_path / f"writes_{name}"))
+    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                           str(tmp_path / "spy.py")] + as_flags(cfg), env=env, cwd=root, capture_output=True,
+                          text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return [open(tmp_path / f"writes_{name}.{r}").read().split() for r in (0, 1)]
+
+
+@pytest.fixture(scope="module")
+def two_rank_runs(tmp_path_factory):
+    """A tiny toy config run by one process, by two ranks (2 iterations), by two ranks straight to 3 iterations,
+    and by two ranks resumed from the 2-iteration run to 3."""
+    tmp = tmp_path_factory.mktemp("ranks")
+    base = dataclasses.replace(tiny(tmp), steps=2, eval_every=1, prompts_per_step=4, group_size=2, micro_batch=2,
+                               cache_dir=str(tmp / "toy_cache"))
+    toy.ToyWorld("cpu", base.cache_dir, pretrain_steps=base.pretrain_steps)  # one cache for every process
+    runs = {"one": dataclasses.replace(base, out=str(tmp / "one"))}
+    train.main(runs["one"])
+    runs["two"] = dataclasses.replace(base, out=str(tmp / "two"))
+    writes = torchrun(runs["two"], tmp, "two")
+    runs["straight"] = dataclasses.replace(base, steps=3, out=str(tmp / "straight"))
+    torchrun(runs["straight"], tmp, "straight")
+    shutil.copytree(runs["two"].out, tmp / "resumed")
+    runs["resumed"] = dataclasses.replace(base, steps=3, out=str(tmp / "resumed"), resume=True)
+    torchrun(runs["resumed"], tmp, "resumed")
+    return runs, writes
+
+
+def test_two_ranks_train_the_lora_a_single_process_trains(two_rank_runs):
+    """Same prompt groups, same noises, the gradient of the whole iteration's batch: after 2 iterations, 2 gloo
+    ranks hold the LoRA of one process up to float rounding, and log the same held-out rewards."""
+    runs, _ = two_rank_runs
+    one, two = lora_state(runs["one"].out), lora_state(runs["two"].out)
+    assert one.keys() == two.keys()
+    worst = max((one[k] - two[k]).abs().max().item() for k in one)
+    assert worst < 1e-5, f"LoRA of 2 ranks differs from 1 process by {worst}: sharding, noise or all-reduce is off"
+    evals = lambda cfg: [json.loads(l).get("eval_reward") for l in open(os.path.join(cfg.out, "metrics.jsonl"))]
+    assert all(abs(a - b) < 1e-4 for a, b in zip(evals(runs["one"]), evals(runs["two"]))), "held-out eval differs"
+
+
+def test_only_rank_zero_writes_the_runs_outputs(two_rank_runs):
+    """Checkpoints, metrics, config and figures come from rank 0 alone."""
+    runs, (rank0, rank1) = two_rank_runs
+    out = runs["two"].out
+    assert any(p.startswith(out) for p in rank0), "rank 0 wrote nothing into --out"
+    assert not [p for p in rank1 if p.startswith(out)], f"rank 1 wrote into --out: {rank1}"
+
+
+def test_two_ranks_resume_bit_identical_and_refuse_another_rank_count(two_rank_runs):
+    """2 iterations + --resume to 3 on 2 ranks gives exactly the LoRA and rewards of 3 straight; one process may
+    not resume a 2-rank run."""
+    runs, _ = two_rank_runs
+    a, b = lora_state(runs["straight"].out), lora_state(runs["resumed"].out)
+    assert all(torch.equal(a[k], b[k]) for k in a), "a 2-rank resume does not continue the run exactly"
+    reward = lambda cfg: [json.loads(l).get("reward") for l in open(os.path.join(cfg.out, "metrics.jsonl"))]
+    assert reward(runs["straight"]) == reward(runs["resumed"])
+    with pytest.raises(files.UserError, match="2 rank"):
+        train.main(dataclasses.replace(runs["resumed"], steps=4))
+
+
+def test_a_prompt_count_that_does_not_divide_over_the_ranks_is_refused(monkeypatch, tmp_path):
+    """--prompts-per-step is global: 3 prompts over 2 ranks is an error naming both numbers."""
+    monkeypatch.setattr(parallel, "setup", lambda: (0, 2, torch.device("cpu")))
+    with pytest.raises(config.UsageError, match="--prompts-per-step=3 does not divide over the 2 ranks"):
+        train.main(tiny(tmp_path, prompts_per_step=3))
 
 
 # ----------------------------------------------------------------------------------------------------------- toy.py
@@ -584,6 +896,7 @@ from transformers import (CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcess
                           CLIPTextModelWithProjection, CLIPTokenizer, T5Config, T5EncoderModel, T5Tokenizer)
 from transformers.convert_slow_tokenizer import bytes_to_unicode
 
+import files
 import rewards
 import sd3
 import sde
@@ -627,6 +940,8 @@ def tiny_pipe(seed=0):
 
 
 def tiny_world(dtype=torch.float32, **kwargs):
+    """An SD3World on tiny_pipe; its text encoders stay resident unless told, so any prompt can be encoded."""
+    kwargs.setdefault("text_encoders", "resident")
     return sd3.SD3World(tiny_pipe(), "cpu", dtype=dtype, resolution=8, **kwargs)
 
 
@@ -639,7 +954,7 @@ def add_lora(transformer, seed=1):
     """Train.py's adapter (rank 4 here), its zero-initialised B set by hand so that it changes the output."""
     from peft import LoraConfig
     transformer.add_adapter(LoraConfig(r=4, lora_alpha=8, init_lora_weights="gaussian",
-                                       target_modules=["to_k", "to_q", "to_v", "to_out.0"]))
+                                       target_modules=learner.LORA_TARGETS))
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, p in transformer.named_parameters():
@@ -674,7 +989,7 @@ def test_noiseless_rollout_of_velocity_reproduces_the_pipelines_sampler(world, s
     expected = world.pipe(PROMPTS, latents=x1, num_inference_steps=T, guidance_scale=g, output_type="latent",
                           max_sequence_length=sd3.MAX_SEQUENCE_LENGTH).images
     velocity = partial(world.velocity, cond=world.encode(PROMPTS), guidance=g)
-    out = sde.rollout(velocity, x1, sde.sigmas(T, 3.0), step_fn)
+    out = sde.rollout(velocity, x1, sde.sigmas(T, 3.0), step_fn, None)  # zero noise: no noise needed
     err = (out["states"][:, -1] - expected).abs().max().item()
     assert err < 1e-5, f"rollout differs from the pipeline by {err}: timestep scale, CFG order or schedule is wrong"
 
@@ -728,6 +1043,60 @@ def test_base_weights_are_frozen_and_a_float32_lora_trains_through_bf16_velocity
     assert all(gr is not None and torch.isfinite(gr).all() for gr in grads) and any(gr.abs().sum() > 0 for gr in grads)
 
 
+def test_the_lora_sits_on_flow_grpos_modules_of_a_dual_attention_sd35():
+    """On an SD3.5-shaped transformer (dual attention in block 0): q, k, v, out of both streams' joint attention
+    are adapted, SD3.5's second attention attn2 is not (Flow-GRPO's target list)."""
+    import bench_sd3
+    import re
+    transformer = SD3Transformer2DModel(**bench_sd3.TINY_TRANSFORMER)
+    learner.add_lora(transformer, dataclasses.replace(config.Config(), lora_rank=2, lora_alpha=4))
+    adapted = {name for name, m in transformer.named_modules() if hasattr(m, "lora_A")}
+    pattern = r"transformer_blocks\.\d+\.attn\.(to_q|to_k|to_v|to_out\.0|add_q_proj|add_k_proj|add_v_proj|to_add_out)"
+    want = {name for name, _ in transformer.named_modules() if re.fullmatch(pattern, name)}
+    assert any(".attn2." in name for name, _ in transformer.named_modules()), "the test model lacks attn2"
+    assert adapted == want, f"adapted beyond Flow-GRPO's list: {sorted(adapted - want)[:4]}, " \
+                            f"missed: {sorted(want - adapted)[:4]}"
+    blocks = len(transformer.transformer_blocks)
+    assert sum(name.endswith("add_k_proj") for name in adapted) == blocks, "the text stream must be adapted"
+
+
+def test_the_training_velocity_has_no_gradient_through_the_unconditional_branch():
+    """detach_uncond (Flow-GRPO's training forward): the LoRA's gradient of v = v_u + g (v_c - v_u) is that of
+    g v_c alone; without it the unconditional branch adds its (1 - g) v_u part."""
+    world = tiny_world()
+    add_lora(world.transformer)
+    lora = [p for p in world.transformer.parameters() if p.requires_grad]
+    cond = world.encode(PROMPTS)
+    x, t, g = torch.randn(2, *world.latent_shape), torch.tensor([0.7, 0.2]), 4.5
+    w = torch.randn(2, *world.latent_shape)
+
+    def grad(fn):
+        for p in lora:
+            p.grad = None
+        (fn() * w).sum().backward()
+        return torch.cat([p.grad.flatten() for p in lora])
+
+    detached = grad(lambda: world.velocity(x, t, cond, g, detach_uncond=True))
+    cond_only = grad(lambda: g * world.velocity(x, t, cond, 1.0))
+    assert torch.allclose(detached, cond_only, atol=1e-5), "the unconditional branch leaks gradient"
+    both = grad(lambda: world.velocity(x, t, cond, g))
+    assert not torch.allclose(both, cond_only, atol=1e-5), "without detach both branches must carry gradient"
+
+
+def test_precomputed_prompt_encodings_equal_the_encoders_output_and_free_them():
+    """--text-encoders precompute: every train and held-out prompt encoded once, the encoders dropped, and the
+    same encodings as the resident encoders give; a prompt outside both lists is refused by name."""
+    resident = tiny_world(train_prompts=PROMPTS, text_encoders="resident")
+    pre = tiny_world(train_prompts=PROMPTS, text_encoders="precompute")
+    a = resident.encode(PROMPTS[::-1])
+    b = pre.encode(PROMPTS[::-1])
+    assert a.keys() == b.keys() and all(torch.allclose(a[k], b[k], atol=1e-5) for k in a), "encodings differ"
+    assert pre.pipe.text_encoder_3 is None and not pre.text_encoders, "the encoders were not freed"
+    with pytest.raises(ValueError, match="not among the precomputed"):
+        pre.encode(["a prompt never seen"])
+    assert tiny_world(text_encoders="auto").text_mode == "precompute", "auto must precompute what fits in memory"
+
+
 def test_saved_lora_loads_into_a_fresh_pipeline_and_reproduces_the_velocity(world, tmp_path):
     """save_lora then load_lora_weights into a fresh pipeline gives the trained transformer's velocity."""
     add_lora(world.transformer)
@@ -738,7 +1107,7 @@ def test_saved_lora_loads_into_a_fresh_pipeline_and_reproduces_the_velocity(worl
         world.transformer.disable_adapters()
         base = world.velocity(x, t, cond, 4.5)
     assert (trained - base).abs().max() > 1e-3, "the test LoRA does not change the output"
-    sd3.save_lora(world.transformer, tmp_path)
+    files.save_lora(world.transformer, tmp_path)
     fresh = tiny_pipe()  # same seed: the same base weights
     fresh.load_lora_weights(tmp_path)
     with torch.no_grad():
@@ -760,7 +1129,7 @@ def test_a_saved_pipeline_folder_loads_as_a_world(tmp_path):
 def test_a_missing_model_fails_within_seconds_naming_the_model_flag(name):
     """SD3World.load of an uncached hub id or a missing folder raises LoadError naming --model, in < 10 s."""
     start = time.perf_counter()
-    with pytest.raises(sd3.LoadError, match="--model") as err:
+    with pytest.raises(files.LoadError, match="--model") as err:
         sd3.SD3World.load(name, "cpu")
     assert time.perf_counter() - start < 10, "a failed load must not retry the hub for a minute"
     assert name in str(err.value)
@@ -771,7 +1140,7 @@ def test_hub_problems_are_explained(monkeypatch):
     import huggingface_hub
     from huggingface_hub import constants, errors
 
-    assert "HF_HUB_OFFLINE" in sd3._hub_problem("a/b", folder_ok=True)
+    assert "HF_HUB_OFFLINE" in files._hub_problem("a/b", folder_ok=True)
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
     monkeypatch.setattr(huggingface_hub, "model_info", lambda name, timeout: types.SimpleNamespace(gated="auto"))
     gated = errors.GatedRepoError.__new__(errors.GatedRepoError, "gated")  # its __init__ wants an HTTP response
@@ -779,13 +1148,13 @@ def test_hub_problems_are_explained(monkeypatch):
     def refuse(name):
         raise gated
     monkeypatch.setattr(huggingface_hub, "auth_check", refuse)
-    message = sd3._hub_problem("stabilityai/stable-diffusion-3.5-medium", folder_ok=True)
+    message = files._hub_problem("stabilityai/stable-diffusion-3.5-medium", folder_ok=True)
     assert "licence" in message and "hf auth login" in message and "local folder" in message
 
     def unreachable(name, timeout):
         raise ConnectionError("no route to host")
     monkeypatch.setattr(huggingface_hub, "model_info", unreachable)
-    message = sd3._hub_problem("yuvalkirstain/PickScore_v1", folder_ok=False)
+    message = files._hub_problem("yuvalkirstain/PickScore_v1", folder_ok=False)
     assert "cannot be reached" in message and "local folder" not in message
 
 
@@ -796,16 +1165,16 @@ def test_read_prompts_names_the_flag_and_path_for_a_missing_or_empty_file(tmp_pa
     missing, blank = tmp_path / "missing.txt", tmp_path / "blank.txt"
     blank.write_text("\n  \n")
     for path in (missing, blank):
-        with pytest.raises(sd3.LoadError, match="--prompts") as err:
-            sd3.read_prompts(path)
+        with pytest.raises(files.LoadError, match="--prompts") as err:
+            files.read_prompts(path)
         assert str(path) in str(err.value)
     (tmp_path / "ok.txt").write_text("a photo of a cat\n\n a photo of a dog \n")
-    assert sd3.read_prompts(tmp_path / "ok.txt") == ["a photo of a cat", "a photo of a dog"]
+    assert files.read_prompts(tmp_path / "ok.txt") == ["a photo of a cat", "a photo of a dog"]
 
 
 def test_built_in_prompt_splits_are_disjoint_and_used_by_default(world):
     """The built-in GenEval-style train and held-out prompts do not overlap; train_prompts overrides train only."""
-    train, held_out = sd3.read_prompts(sd3.TRAIN_PROMPTS), sd3.read_prompts(sd3.EVAL_PROMPTS)
+    train, held_out = files.read_prompts(sd3.TRAIN_PROMPTS), files.read_prompts(sd3.EVAL_PROMPTS)
     assert len(train) >= 90 and len(held_out) >= 25
     assert len(set(train)) == len(train) and len(set(held_out)) == len(held_out), "duplicate prompts"
     assert not set(train) & set(held_out), "a held-out prompt is also a training prompt"
@@ -868,7 +1237,7 @@ def test_a_reward_that_cannot_be_loaded_fails_within_seconds_naming_the_reward_f
     """build('pickscore') and build('clip') without the weights raise LoadError naming --reward, in < 10 s."""
     for name in ("pickscore", "clip"):
         start = time.perf_counter()
-        with pytest.raises(sd3.LoadError, match=f"--reward {name}"):
+        with pytest.raises(files.LoadError, match=f"--reward {name}"):
             rewards.build(name, "cpu")
         assert time.perf_counter() - start < 10
 
@@ -916,7 +1285,7 @@ def test_two_sd3_pickscore_iterations_train_only_the_lora_and_save_a_loadable_on
         world.transformer.add_adapter = add_and_record
         return world
     monkeypatch.setattr(train, "build_world", build_and_keep)
-    cfg = dataclasses.replace(train.sd35(train.Config()), model=folder, reward="tiny_pickscore", resolution=8,
+    cfg = dataclasses.replace(config.sd35(config.Config()), model=folder, reward="tiny_pickscore", resolution=8,
                               steps=2, prompts_per_step=2, group_size=2, num_steps=4, tweedie_substeps=2,
                               eval_steps=2, micro_batch=2, lora_rank=4, lora_alpha=8, out=str(tmp_path / "run"))
     train.main(cfg)
@@ -927,7 +1296,7 @@ def test_two_sd3_pickscore_iterations_train_only_the_lora_and_save_a_loadable_on
     world = kept["world"]
     trained = get_peft_model_state_dict(world.transformer)
     unchanged = [k for k in kept["init"] if torch.equal(kept["init"][k].float(), trained[k])]
-    assert not unchanged, f"LoRA parameters never updated: {unchanged[:3]}"
+    assert unchanged == dead_ends(world.transformer), f"LoRA parameters never updated: {unchanged[:3]}"
     ckpt = torch.load(os.path.join(cfg.out, "ckpt.pt"), weights_only=False)["lora"]
     assert all(torch.equal(ckpt[k], v) for k, v in trained.items()), "the checkpoint is not the trained LoRA"
     base = SD3Transformer2DModel.from_pretrained(folder, subfolder="transformer").state_dict()
@@ -939,12 +1308,13 @@ def test_two_sd3_pickscore_iterations_train_only_the_lora_and_save_a_loadable_on
     # compare in float32 (the bf16 base weights convert exactly): bf16 rounding inside the network, float32 LoRA path
     # in one model and bf16 in the other, would otherwise swamp a small LoRA effect
     for w in (world, fresh):
-        w.transformer.float(), setattr(w, "dtype", torch.float32)
+        w.transformer.float()
+        w.dtype = torch.float32
     x, t = torch.randn(2, *world.latent_shape), torch.tensor([0.8, 0.4])
     with torch.no_grad():
-        cond = {k: v.float() for k, v in world.encode(PROMPTS).items()}
+        cond = {k: v.float() for k, v in world.encode(world.eval_prompts[:2]).items()}  # precomputed ones
         v_trained, v_loaded = world.velocity(x, t, cond, 4.5), fresh.velocity(x, t, cond, 4.5)
-        with train.base_model(world.transformer):
+        with worlds.base_model(world.transformer):
             effect = (v_trained - world.velocity(x, t, cond, 4.5)).abs().max().item()
     err = (v_loaded - v_trained).abs().max().item()
     # the reloaded LoRA weights went through bf16 (the transformer's dtype on load): equal up to their rounding
@@ -953,10 +1323,10 @@ def test_two_sd3_pickscore_iterations_train_only_the_lora_and_save_a_loadable_on
 
 
 def test_train_main_fails_within_seconds_on_a_model_that_cannot_be_loaded(tmp_path):
-    """--model no/such-model offline: train.main raises sd3.LoadError naming --model in seconds, before any output."""
-    cfg = dataclasses.replace(train.sd35(train.Config()), model="no/such-model", out=str(tmp_path / "run"))
+    """--model no/such-model offline: train.main raises files.LoadError naming --model in seconds, before any output."""
+    cfg = dataclasses.replace(config.sd35(config.Config()), model="no/such-model", out=str(tmp_path / "run"))
     start = time.perf_counter()
-    with pytest.raises(sd3.LoadError, match="--model") as err:
+    with pytest.raises(files.LoadError, match="--model") as err:
         train.main(cfg)
     assert time.perf_counter() - start < 10, "a failed load must not retry the hub for a minute"
     assert "no/such-model" in str(err.value) and not os.path.exists(cfg.out)

@@ -1,0 +1,153 @@
+"""What a run reads and writes, for both worlds: prompt files, models from the hub, checkpoints, the LoRA.
+
+Every failure a user can cause (a missing prompt file, a model that cannot be loaded, a corrupt checkpoint, an
+output folder that cannot be written) is a UserError whose message names the flag and says what to do; train.py
+prints it as one line, `train.py: error: ...`, and exits with code 2, as argparse does for a bad flag.
+
+Choices:
+1. A model that is neither cached nor reachable makes a plain from_pretrained retry for about a minute, so the local
+   cache is tried first and the hub is asked with a short timeout before any download.
+2. transformers names its image processors after a torchvision backend, which this project never installs (it
+   pulls a CUDA build); `quiet_image_processors` points those names at their PIL twins before diffusers imports
+   them, exactly what transformers falls back to, so no run prints two lines of warnings about it.
+"""
+import os
+import pickle
+import zipfile
+
+import torch
+
+
+class UserError(Exception):
+    """A mistake in a flag, a file or a folder; the message names the flag and what to do."""
+
+
+class LoadError(UserError):
+    """A model, reward or prompt file that cannot be loaded."""
+
+
+def read_prompts(path):
+    """The prompts of a text file, one a line, blank lines skipped; missing or empty: a LoadError naming --prompts."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            prompts = [line.strip() for line in f if line.strip()]
+    except (OSError, UnicodeDecodeError) as e:
+        why = e.strerror if isinstance(e, OSError) else "it is not UTF-8 text"
+        raise LoadError(f"--prompts {path}: cannot read the file ({why}); give a text file, one prompt a line") from e
+    if not prompts:
+        raise LoadError(f"--prompts {path}: the file holds no prompts; give a text file, one prompt a line")
+    return prompts
+
+
+def quiet_image_processors():
+    """Alias transformers' torchvision-backed image processors to their PIL classes (choice 2)."""
+    import transformers
+
+    for name in ("CLIPImageProcessor", "SiglipImageProcessor"):
+        setattr(transformers, name, getattr(transformers, name + "Pil"))
+
+
+def hub_load(load, name, flag, folder_ok=True):
+    """load(name, **kwargs) from a local folder or a hub id, or a LoadError within seconds saying why and what to do.
+
+    folder_ok: whether the flag also takes a local folder (--model does; --reward takes a name)."""
+    if os.path.isdir(name):
+        try:
+            return load(name)
+        except Exception as e:  # any failure here means the folder is not what the flag needs
+            why = f"{type(e).__name__}: {e}"
+            raise LoadError(f"{flag}: the folder {name} does not hold a loadable model ({why})") from e
+    if name.startswith((".", "/", "~")) or name.count("/") != 1:
+        raise LoadError(f"{flag}: {name} is neither an existing folder nor a hub id of the form owner/name")
+    try:
+        return load(name, local_files_only=True)
+    except OSError:
+        pass  # not (fully) in the local cache: ask the hub below (choice 1)
+    problem = _hub_problem(name, folder_ok)
+    if problem:
+        raise LoadError(f"{flag}: cannot load {name}: {problem}")
+    return load(name)
+
+
+def _hub_problem(name, folder_ok):
+    """Why the hub cannot serve repo `name` to us now, or None; at most a few seconds."""
+    from huggingface_hub import auth_check, constants, errors, model_info
+
+    local = (f"or fill the local cache: `hf download {name}` where there is network, then copy "
+             "~/.cache/huggingface here (or point HF_HOME at it)")
+    if folder_ok:
+        local += ", or pass a local folder holding the model (a save_pretrained copy or a downloaded snapshot)"
+    if constants.HF_HUB_OFFLINE:
+        return (f"it is not in the local Hugging Face cache and HF_HUB_OFFLINE=1 forbids downloading it; unset it, "
+                f"{local}")
+    try:
+        if model_info(name, timeout=5).gated:
+            auth_check(name)
+    except errors.GatedRepoError:
+        return (f"it is a gated repo: accept its licence on https://huggingface.co/{name}, then run "
+                f"`hf auth login` (huggingface_hub >= 1.0; formerly `huggingface-cli login`) or set HF_TOKEN, {local}")
+    except errors.RepositoryNotFoundError:
+        return f"no such repo on the hub (a private one needs `hf auth login`); check the name, {local}"
+    except Exception as e:  # network: DNS, proxy, firewall, timeout
+        why = f"{type(e).__name__}: {e}"
+        return f"it is not in the local cache and the hub cannot be reached ({why}); connect, {local}"
+    return None
+
+
+def output_folder(path):
+    """Create --out if needed and prove it writable now, not after the first iteration's work."""
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise UserError(f"--out {path}: it is a file, not a folder; choose a folder for the run's outputs")
+    try:
+        os.makedirs(path, exist_ok=True)
+        probe = os.path.join(path, ".write_test")
+        with open(probe, "w"):
+            pass
+        os.remove(probe)
+    except OSError as e:
+        raise UserError(f"--out {path}: cannot write there ({e.strerror}); choose a folder you can write") from e
+
+
+def save_lora(transformer, directory):
+    """Save the transformer's peft LoRA so that pipe.load_lora_weights(directory) restores it exactly.
+
+    The adapter config goes along as metadata: without it diffusers assumes lora_alpha = r, and a LoRA trained
+    with alpha 64, rank 32 would load at half its scale."""
+    from diffusers.loaders import SD3LoraLoaderMixin
+    from peft import get_peft_model_state_dict
+
+    SD3LoraLoaderMixin.save_lora_weights(
+        directory,
+        transformer_lora_layers=get_peft_model_state_dict(transformer),
+        transformer_lora_adapter_metadata=transformer.peft_config["default"].to_dict(),
+    )
+
+
+def save_checkpoint(out, state, transformer):
+    """Atomic checkpoint: write to a temporary file, then rename over the old one (an interrupt leaves one whole).
+
+    The LoRA goes along in diffusers' format (pipe.load_lora_weights(out/lora)), also written, then renamed."""
+    torch.save(state, os.path.join(out, "ckpt.pt.tmp"))
+    os.replace(os.path.join(out, "ckpt.pt.tmp"), os.path.join(out, "ckpt.pt"))
+    save_lora(transformer, os.path.join(out, "lora.tmp"))
+    os.makedirs(os.path.join(out, "lora"), exist_ok=True)
+    for f in os.listdir(os.path.join(out, "lora.tmp")):
+        os.replace(os.path.join(out, "lora.tmp", f), os.path.join(out, "lora", f))
+    os.rmdir(os.path.join(out, "lora.tmp"))
+
+
+CHECKPOINT_KEYS = {"lora", "opt", "it", "history", "world_size"}
+
+
+def load_checkpoint(out):
+    """The state save_checkpoint wrote in out/ckpt.pt, or a UserError naming --resume and the file."""
+    path = os.path.join(out, "ckpt.pt")
+    try:
+        state = torch.load(path, weights_only=False, map_location="cpu")
+    except (OSError, RuntimeError, EOFError, pickle.UnpicklingError, zipfile.BadZipFile, ValueError) as e:
+        raise UserError(f"--resume: {path} is not a readable checkpoint ({type(e).__name__}); "
+                        "delete it to start afresh, or point --out at another run") from e
+    if not isinstance(state, dict) or not CHECKPOINT_KEYS <= state.keys():
+        raise UserError(f"--resume: {path} is not a checkpoint of this train.py (keys missing); "
+                        "delete it to start afresh, or point --out at another run")
+    return state
