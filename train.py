@@ -3,6 +3,7 @@
     python train.py                                        # toy world, Stepwise-Flow-GRPO, minutes on a CPU
     python train.py --advantage flow_grpo --sampler flow_grpo                       # the Flow-GRPO baseline
     python train.py --model stabilityai/stable-diffusion-3.5-medium --reward pickscore   # the paper's setup, 1 GPU
+    torchrun --nproc_per_node 8 train.py --model stabilityai/stable-diffusion-3.5-medium --prompts-per-step 32
 
 One iteration, in the paper's order (METHOD.md): sample G prompts x N trajectories, each group sharing x_T (§3)
 -> rewards r_k of every state's Tweedie estimate (§3) -> gains and advantages (§4) -> clipped GRPO update with the
@@ -20,6 +21,9 @@ Choices beyond METHOD.md (also in the README):
    (add_*_proj, to_add_out); not on SD3.5's second attention, attn2, which Flow-GRPO leaves alone.
 6. CFG's unconditional branch is detached in training, as in Flow-GRPO (--uncond-grad true: through both).
 7. --ema-decay: Flow-GRPO's EMA of the LoRA, used to evaluate and to save; training goes on with the live weights.
+8. --advantage flow_grpo runs the baseline as Flow-GRPO runs it: the batch's reward std, a noise per trajectory
+   (config.flow_grpo_method). The KL is Flow-GRPO's |dt|-weighted one (stepgrpo.kl_penalty), logged as `kl`.
+9. Under torchrun each rank samples whole prompt groups and the LoRA's gradients are all-reduced (parallel.py).
 """
 import json
 import os
