@@ -7,11 +7,12 @@ method with its own defaults (config.flow_grpo_method for the baseline): 512 px,
 4 prompts x 8, micro-batches of 8, 2 optimizer steps, bf16 transformer, float32 VAE, LoRA r 32 alpha 64.
 Model FLOPs are counted, not estimated: every row through the transformer (forward, or forward + backward in
 training), the VAE decoder and PickScore is counted in the iteration, and each row's FLOPs at full size come from
-torch's FlopCounterMode on meta tensors, so --flops needs neither a GPU nor memory.
+torch's FlopCounterMode on meta tensors: with --tiny (tiny models run the loop on the CPU) the counts need neither a
+GPU nor memory; only the seconds are the tiny models'.
 
-    python bench_sd3.py --flops         # CPU, minutes: FLOPs per phase and the Stepwise/Flow-GRPO ratio
-    python bench_sd3.py --tiny                          # CPU, tiny configs: the timed path end to end
-    python bench_sd3.py --gradient-checkpointing true --out bench.json                 # one GPU: seconds, MFU, memory
+    python bench_sd3.py --tiny      # CPU, a minute: full-size FLOPs per phase and the Stepwise/Flow-GRPO ratio
+    python bench_sd3.py --tiny --set tweedie_substeps=3                         # the same at another setting
+    python bench_sd3.py --gradient-checkpointing true --out bench.json    # one GPU: also seconds, MFU, memory
 
 The GPU machine's image has torch, transformers, huggingface_hub and safetensors but no diffusers; peft travels too.
 Both wheels are pure Python. Here, once, in the repo root:
@@ -241,24 +242,22 @@ def annotate(result, cfg):
 
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--tiny", action="store_true", help="tiny configs at 64 px: a CPU check of the timed path")
-    p.add_argument("--flops", action="store_true", help="CPU: count FLOPs at full size (tiny models run the loop)")
+    p.add_argument("--tiny", action="store_true", help="tiny models at 64 px on the CPU (the FLOPs stay full-size)")
     p.add_argument("--gradient-checkpointing", type=config._boolean, default=True)
     p.add_argument("--peak-tflops", type=float, default=790.0, help="bf16 peak measured on the H200 (dense: 989)")
     p.add_argument("--warmup", type=int, default=1, help="untimed iterations of each method first")
     p.add_argument("--set", nargs="*", default=[], help="Config overrides for both methods, e.g. tweedie_substeps=3")
     p.add_argument("--out", default="", help="JSON results path")
     args = p.parse_args()
-    tiny = args.tiny or args.flops
-    device = torch.device("cuda" if torch.cuda.is_available() and not tiny else "cpu")
+    device = torch.device("cuda" if torch.cuda.is_available() and not args.tiny else "cpu")
     torch.manual_seed(0)
     tic = time.perf_counter()
-    world, reward_fn = build(tiny, device, args.gradient_checkpointing)
+    world, reward_fn = build(args.tiny, device, args.gradient_checkpointing)
     overrides = dict(kv.split("=") for kv in args.set)
     runs = {}
     for name, cfg in methods().items():
         kinds = {f.name: f.type for f in dataclasses.fields(cfg)}
-        cfg = dataclasses.replace(cfg, resolution=64 if tiny else 512,
+        cfg = dataclasses.replace(cfg, resolution=64 if args.tiny else 512,
                                   gradient_checkpointing=args.gradient_checkpointing,
                                   **{k: kinds[k](v) for k, v in overrides.items()})
         config.check(cfg)
