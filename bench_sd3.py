@@ -229,7 +229,8 @@ def report(results, per_row, peak_tflops):
 
 def annotate(result, cfg):
     """Which forward rows were the rollout's, which the KL reference's, and rows per phase for the table."""
-    B, T, g = cfg.prompts_per_step * cfg.group_size, cfg.num_steps, 2  # CFG doubles every row (g = 4.5)
+    B, T = cfg.prompts_per_step * cfg.group_size, cfg.num_steps
+    g = 1 if (cfg.guidance or sd3.SD3World.default_guidance) == 1 else 2  # rows per sample: CFG doubles them
     result["rollout_rows"] = B * T * g
     result["reference_rows"] = result["rows"]["train"] if cfg.beta > 0 else 0  # one reference forward per training one
     rows = result["rows"]

@@ -136,7 +136,7 @@ def save_checkpoint(out, state, transformer):
     os.rmdir(os.path.join(out, "lora.tmp"))
 
 
-CHECKPOINT_KEYS = {"lora", "opt", "it", "history", "world_size"}
+CHECKPOINT_KEYS = {"lora", "opt", "ema", "it", "history", "world_size"}
 
 
 def load_checkpoint(out):

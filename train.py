@@ -88,21 +88,20 @@ def iteration(world, reward_fn, opt, ema, pi, cfg, it, guidance, device):
     m["t_rollout"] = clock(device) - tic
     tic = clock(device)
     # ---- rewards: final images, and for stepwise credit the Tweedie estimate of every state (§3) ----
+    # every rank computes the whole batch's advantages from the gathered rewards and keeps its rows (parallel.py)
+    all_groups = parallel.gather(groups)  # (B,)
     if cfg.advantage == "stepwise":
         x0, source = x0_estimates(world, out, cond, groups, pi.levels, cfg.tweedie_substeps, cfg.tweedie_batch,
                                   guidance)
         m["x0_states"] = int(is_source(source[:, :-1]).sum())  # the distinct states estimated
         m["t_x0"] = clock(device) - tic
         tic = clock(device)
-        r = score(world, reward_fn, x0, prompts, source)[0]  # (B_rank, T+1)
-        # every rank computes the whole batch's advantages from the gathered rewards and keeps its rows (parallel.py)
-        r, all_groups = parallel.gather(r), parallel.gather(groups)  # (B, T+1), (B,)
+        r = parallel.gather(score(world, reward_fn, x0, prompts, source)[0])  # (B, T+1)
         adv = stepgrpo.stepwise_advantages(r, all_groups, cfg.per_step_norm, cfg.adv_clip, cfg.global_std)  # (B, T)
         m["gain_abs"] = stepgrpo.gains(r).abs().mean(0).tolist()
         final = r[:, -1]
     else:
-        final = score(world, reward_fn, out["states"][:, -1:], prompts)[0][:, 0]  # (B_rank,)
-        final, all_groups = parallel.gather(final), parallel.gather(groups)  # (B,), (B,)
+        final = parallel.gather(score(world, reward_fn, out["states"][:, -1:], prompts)[0][:, 0])  # (B,)
         adv = stepgrpo.flow_grpo_advantages(final, all_groups, cfg.global_std, cfg.adv_clip)
         adv = adv[:, None].expand(B, cfg.num_steps)  # (B, T): the same credit for every step
     adv = adv[parallel.shard(B)]  # this rank's rows
