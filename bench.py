@@ -23,6 +23,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 
 import config
+import runs
 import train
 
 METHODS = [("flow_grpo", "flow_grpo"), ("flow_grpo", "ddim"), ("stepwise", "flow_grpo"), ("stepwise", "ddim")]
@@ -71,7 +72,7 @@ def main():
     flags += [f"--steps={args.steps}"] if args.steps else []
     base = config.parse_args(flags)
     os.makedirs(args.out, exist_ok=True)
-    n_eval = len(train.build_world(base, "cpu").eval_prompts)  # pretrains (or loads) once, before the runs share it
+    n_eval = len(runs.build_world(base, "cpu").eval_prompts)  # pretrains (or loads) once, before the runs share it
     threads = 1 if args.jobs > 1 else 2
     jobs = []
     for a, s in METHODS:

@@ -2,7 +2,7 @@
 
 Random weights from the published configs, no download: the SD3.5 Medium transformer, the SD3 VAE and a CLIP-H
 sized PickScore. Prompt encodings are fixed random tensors of SD3's shapes (the text encoders run once a prompt,
-before training: sd3.py CHOICE 4). Each iteration is train.py's own (train.iteration) at the sd35 preset, each
+before training: choice 21). Each iteration is train.py's own (train.iteration) at the sd35 preset, each
 method with its own defaults (config.flow_grpo_method for the baseline): 512 px, T = 10, T' = 5, CFG 4.5,
 4 prompts x 8, micro-batches of 8, 2 optimizer steps, bf16 transformer, float32 VAE, LoRA r 32 alpha 64.
 Model FLOPs are counted, not estimated: every row through the transformer (forward, or forward + backward in
@@ -12,15 +12,9 @@ GPU nor memory; only the seconds are the tiny models'.
 
     python bench_sd3.py --tiny      # CPU, a minute: full-size FLOPs per phase and the Stepwise/Flow-GRPO ratio
     python bench_sd3.py --tiny --set tweedie_substeps=3                         # the same at another setting
-    python bench_sd3.py --gradient-checkpointing true --out bench.json    # one GPU: also seconds, MFU, memory
-
-The GPU machine's image has torch, transformers, huggingface_hub and safetensors but no diffusers; peft travels too.
-Both wheels are pure Python. Here, once, in the repo root:
-    echo /.whl/ >> .git/info/exclude
-    python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
-        --platform manylinux_2_28_x86_64 -d .whl diffusers==0.42.1 peft==0.21.2
-Then one device run, carry [".whl"], timeout_s 540 (both checkpointing settings):
-    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site PYTHONUNBUFFERED=1 || exit; set -o pipefail; python3 bench_sd3.py --gradient-checkpointing true --out $OUT/bench_gc.json 2>&1 | tee $OUT/bench_gc.md; python3 bench_sd3.py --gradient-checkpointing false --out $OUT/bench_nogc.json 2>&1 | tee $OUT/bench_nogc.md
+    python bench_sd3.py --gradient-checkpointing true --out bench_gc.json     # a CUDA GPU: seconds, MFU, memory too
+    python bench_sd3.py --gradient-checkpointing false --out bench_nogc.json
+Nothing is downloaded: the weights are random, the architecture and the sizes those of the published configs.
 """
 import argparse
 import dataclasses
@@ -32,8 +26,9 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 import config
-import learner
+import lora
 import rewards
+import runs
 import sd3
 import train
 from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
@@ -140,7 +135,7 @@ def row_flops(cfg):
     side = cfg.resolution // 8
     with torch.device("meta"):
         transformer = SD3Transformer2DModel(**SD35_MEDIUM).to(torch.bfloat16)
-        learner.add_lora(transformer, cfg)
+        lora.add_lora(transformer, cfg.lora_rank, cfg.lora_alpha)
         vae = AutoencoderKL(**SD3_VAE)
         clip = CLIPModel(CLIPConfig(projection_dim=CLIP_H["projection_dim"], vision_config=CLIP_H["vision_config"],
                                     text_config=CLIP_H["text_config"]))
@@ -164,20 +159,21 @@ def row_flops(cfg):
 PHASES = dict(rollout="t_rollout", tweedie="t_x0", reward="t_reward", train="t_train")
 
 
-def iteration(world, reward_fn, cfg, device, warmup):
-    """train.iteration of cfg (after `warmup` untimed ones): seconds per phase, rows per model, peak memory."""
-    guidance = cfg.guidance or world.default_guidance
-    pi = learner.policy(cfg)
-    params = [p for p in world.transformer.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-    ema = learner.EMA(params, cfg.ema_decay, cfg.ema_every)
+def iteration(world, reward_fn, trained, cfg, warmup):
+    """train.iteration of cfg (after `warmup` untimed ones) training the LoRA `trained`: seconds per phase, rows per
+    model, peak memory."""
+    device = world.device
+    cfg = dataclasses.replace(cfg, guidance=cfg.guidance or world.default_guidance)
+    pi = config.policy(cfg, cfg.guidance)
+    run = runs.Run(cfg, world, reward_fn, pi, trained, ranks=1, lead=True)
     for it in range(warmup):  # kernels, cuDNN autotuning of the VAE's convolutions, allocator growth
-        train.iteration(world, reward_fn, opt, ema, pi, cfg, it, guidance, device)
+        train.iteration(run, it)
     if device.type == "cuda":
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
     counter = Counter(world, reward_fn)
-    m, finite = train.iteration(world, counter.reward_fn, opt, ema, pi, cfg, warmup, guidance, device)
+    run.reward_fn = counter.reward_fn
+    m, finite = train.iteration(run, warmup)
     del world.velocity, world.decode  # back to the class's own methods
     assert all(finite) and math.isfinite(m["loss"]), "non-finite training loss"
     seconds = {phase: m.get(key, 0.0) for phase, key in PHASES.items()}
@@ -263,12 +259,12 @@ def main():
                                   **{k: kinds[k](v) for k, v in overrides.items()})
         config.check(cfg)
         runs[name] = cfg
-    learner.add_lora(world.transformer, runs["stepwise"])
+    trained = lora.LoRA(world.transformer, runs["stepwise"])  # both methods train it: only their seconds count
     n_params = sum(p.numel() for p in world.transformer.parameters())
     print(f"device {device} ({torch.cuda.get_device_name() if device.type == 'cuda' else 'cpu'}) | transformer "
           f"{n_params:,} parameters | built in {time.perf_counter() - tic:.1f} s | gradient checkpointing "
           f"{args.gradient_checkpointing} | torch {torch.__version__} | overrides {overrides}", flush=True)
-    results = {name: annotate(iteration(world, reward_fn, cfg, device, args.warmup), cfg)
+    results = {name: annotate(iteration(world, reward_fn, trained, cfg, args.warmup), cfg)
                for name, cfg in runs.items()}
     per_row = row_flops(dataclasses.replace(runs["stepwise"], resolution=512))
     table, totals = report(results, per_row, args.peak_tflops)

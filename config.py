@@ -4,7 +4,7 @@ Every field is a flag (--group-size 8); `python train.py --help` shows each one'
 and its default. Presets fill in what a world or a method needs, and flags given on the command line override them:
     toy()               the built-in toy world on a CPU
     sd35()              the paper's setup: SD3.5 Medium, PickScore, one GPU, Flow-GRPO's settings
-    flow_grpo_method()  --advantage flow_grpo runs the baseline as Flow-GRPO runs it (METHOD.md §5): the whole
+    flow_grpo_method()  --advantage flow_grpo runs the baseline as Flow-GRPO runs it (choice 6): the whole
                         batch's reward std and an initial noise of its own for every trajectory
 A mistake in a flag is a UsageError naming the flag and its valid values; train.py prints it as one line.
 """
@@ -17,6 +17,7 @@ from dataclasses import dataclass
 
 import rewards
 import sde
+import stepgrpo
 from files import UserError
 
 
@@ -25,19 +26,19 @@ class Config:
     model: str = "toy"  # "toy", or a diffusers SD3 pipeline: a hub id or a local folder
     reward: str = ""  # toy_geneval | pickscore | clip ("" = the world's: toy_geneval for the toy, pickscore for SD3)
     prompts: str = ""  # training prompts FILE, one a line ("" = the world's built-in train split)
-    advantage: str = "stepwise"  # stepwise (gains g_k, §4) | flow_grpo (the final reward on every step)
+    advantage: str = "stepwise"  # the credit (stepgrpo.CREDITS): stepwise (gains g_k, §4) | flow_grpo (final reward)
     per_step_norm: bool = False  # normalise gains per step instead of jointly (the paper's slower ablation)
-    global_std: bool = False  # divide advantages by the whole batch's std, not the group's (Flow-GRPO: true)
+    global_std: bool = False  # divide advantages by the whole batch's std, not the group's (choice 10)
     sampler: str = "ddim"  # ddim (the paper's DDIM-inspired SDE) | flow_grpo (Flow-GRPO's SDE), §2
-    eta: float = 0.9  # η, DDIM-SDE noise scale, 0 <= eta < 1 (0 = ODE); 0.9 chosen by measurement (README)
-    noise_level: float = 0.7  # a, Flow-GRPO SDE noise level (Flow-GRPO: 0.7)
-    std_floor: float = 0.1  # train only steps whose std >= std_floor x the largest step std (0: every random step)
-    shared_noise: bool = True  # a group shares its initial noise x_T (§3); false: Flow-GRPO's independent noises
+    eta: float = 0.9  # η, DDIM-SDE noise scale, 0 < eta < 1 (0 is the ODE); 0.9 by measurement (choice 3)
+    noise_level: float = 0.7  # a, Flow-GRPO SDE noise level > 0 (Flow-GRPO: 0.7)
+    std_floor: float = 0.1  # train only steps whose std >= std_floor x the largest (0: every random step), choice 2
+    shared_noise: bool = True  # a group shares its initial noise x_T (§3); false: Flow-GRPO's own (choice 6)
     num_steps: int = 10  # T, sampling steps in training
     shift: float = 3.0  # schedule shift (SD3.5: 3)
-    tweedie_substeps: int = 5  # T', Euler substeps of x0_est (§3; 1 = plain Tweedie)
+    tweedie_substeps: int = 5  # T', Euler substeps of x0_est (§3; 1 = plain Tweedie; the paper: 5)
     guidance: float = 0.0  # CFG scale g >= 1 in rollout, training and x0_est (0 = the world's: toy 1, SD3 4.5)
-    uncond_grad: bool = False  # back-propagate through CFG's unconditional branch too (Flow-GRPO: false, detached)
+    uncond_grad: bool = False  # back-propagate through CFG's unconditional branch too (choice 14: false)
     group_size: int = 8  # N, trajectories per prompt (>= 2)
     prompts_per_step: int = 8  # G, prompts per iteration
     steps: int = 60  # training iterations
@@ -45,14 +46,14 @@ class Config:
     weight_decay: float = 1e-4  # AdamW weight decay
     max_grad_norm: float = 1.0  # gradient-norm clip
     clip_range: float = 1e-4  # ε of the ratio clip (tiny: log-probs are averaged over elements)
-    adv_clip: float = 5.0  # advantages clipped to [-adv_clip, adv_clip]
+    adv_clip: float = 5.0  # advantages clipped to [-adv_clip, adv_clip] (choice 9)
     beta: float = 0.01  # β, weight of the |dt|-weighted KL to the base model, §5 (0 = no reference forward)
     lora_rank: int = 32  # LoRA rank r
     lora_alpha: int = 64  # LoRA alpha
     micro_batch: int = 8  # trajectories per forward pass, in sampling and in training
-    updates_per_iteration: int = 2  # optimizer steps per iteration, each over 1/U of every group (Flow-GRPO: 2)
-    tweedie_batch: int = 0  # states per x0_est forward (0 = all states of the iteration in one batch)
-    ema_decay: float = 0.0  # EMA of the LoRA for evaluation and saving, 0 <= decay < 1 (0 = off; Flow-GRPO: 0.9)
+    updates_per_iteration: int = 2  # U, optimizer steps per iteration, each over 1/U of every group (choice 11)
+    tweedie_batch: int = 0  # states per x0_est forward (0 = all distinct states of the iteration at once)
+    ema_decay: float = 0.0  # EMA of the LoRA for evaluation and saving, 0 <= decay < 1 (0 = off), choice 15
     ema_every: int = 8  # optimizer steps between EMA updates (Flow-GRPO: 8)
     eval_every: int = 10  # iterations between held-out evaluations
     eval_steps: int = 40  # ODE steps of the evaluation sampler
@@ -60,37 +61,38 @@ class Config:
     save_every: int = 10  # iterations between checkpoints
     seed: int = 0  # seeds prompts, noises and the LoRA init
     out: str = "runs/latest"  # output folder
-    resume: bool = False  # continue from out/ckpt.pt
+    resume: bool = False  # continue from out/ckpt.pt (none there yet: start afresh, saying so)
     pretrain_steps: int = 0  # toy only: base-model pretraining steps (0 = toy's default)
     cache_dir: str = ".cache/toy"  # toy only: where a pretrained base model is cached (keyed by its config)
     resolution: int = 512  # SD3 only: image side in pixels
     gradient_checkpointing: bool = False  # SD3 only: trade compute for memory in training
-    text_encoders: str = "auto"  # SD3 only: precompute | gpu | cpu | auto (sd3.py, choice 4)
+    text_encoders: str = "auto"  # SD3 only: auto | precompute | resident | offload (choice 21)
 
 
-CHOICES = {"advantage": ("stepwise", "flow_grpo"), "sampler": tuple(sde.SAMPLERS),
-           "text_encoders": ("auto", "precompute", "gpu", "cpu")}
+TEXT_ENCODERS = ("auto", "precompute", "resident", "offload")  # what sd3.SD3World acts on (choice 21)
+
+
+def choices():
+    """The valid values of the enumerated flags; credits are read from stepgrpo.CREDITS, so a new one is a flag."""
+    return {"advantage": tuple(stepgrpo.CREDITS), "sampler": sde.SAMPLERS, "text_encoders": TEXT_ENCODERS}
 
 
 def toy(cfg):
-    """CPU-sized: a 0.6M-parameter model, about a second per iteration; LoRA rank 8 is plenty for it. Chosen by
-    measurement on the toy world (README, "How the toy defaults were chosen"): T' = 2 (the paper: robust for 2..8)
-    as good as 5 at less cost; eta 0.9 above 0.7; beta 0.04, Flow-GRPO's for GenEval, at least as good as 0.01;
-    no EMA (it lags, and ends no higher); lr 3e-3. 4 held-out samples a prompt: the evaluation's error ~0.012."""
+    """CPU-sized: a 0.6M-parameter model, about a second per iteration (choice 30: each value measured)."""
     return dataclasses.replace(cfg, lora_rank=8, lora_alpha=16, lr=3e-3, micro_batch=32, prompts_per_step=8,
                                group_size=8, tweedie_substeps=2, eval_steps=20, eval_repeats=4, eval_every=10,
                                steps=80, beta=0.04)
 
 
 def sd35(cfg):
-    """The paper's setting on one GPU: Flow-GRPO's group of 8 on one GPU and its EMA (decay 0.9 every 8 steps),
-    bounded memory for x0_est."""
+    """The paper's setting on one GPU (choice 16): Flow-GRPO's group of 8 on one GPU and its EMA (decay 0.9 every 8
+    steps), bounded memory for x0_est."""
     return dataclasses.replace(cfg, reward="pickscore", micro_batch=8, tweedie_batch=16, prompts_per_step=4,
                                ema_decay=0.9)
 
 
 def flow_grpo_method(cfg):
-    """The baseline as Flow-GRPO's SD3 configs run it: global_std=True, an initial noise per trajectory."""
+    """The baseline as Flow-GRPO's SD3 configs run it (choice 6): global_std=True, an initial noise per trajectory."""
     return dataclasses.replace(cfg, global_std=True, shared_noise=False)
 
 
@@ -124,10 +126,11 @@ def parse_args(argv=None):
     p = Parser(prog="train.py", description="Stepwise-Flow-GRPO and Flow-GRPO training (arXiv:2603.28718). "
                "Presets: toy or sd35 by --model, flow_grpo_method by --advantage flow_grpo; given flags win.")
     comments = _comments()
+    valid = choices()
     for f in dataclasses.fields(Config):
         kind = _boolean if f.type is bool else f.type
-        metavar = None if f.name in CHOICES else f.type.__name__.upper()
-        p.add_argument("--" + f.name.replace("_", "-"), type=kind, default=None, choices=CHOICES.get(f.name),
+        metavar = None if f.name in valid else f.type.__name__.upper()
+        p.add_argument("--" + f.name.replace("_", "-"), type=kind, default=None, choices=valid.get(f.name),
                        metavar=metavar, help=f"{comments[f.name]} (default {f.default!r})")
     given = {k: v for k, v in vars(p.parse_args(argv)).items() if v is not None}
     cfg = Config(model=given.get("model", "toy"))
@@ -148,7 +151,7 @@ def check(cfg):
         ("beta", cfg.beta >= 0, ">= 0"),
         ("adv_clip", cfg.adv_clip > 0, "> 0"),
         ("max_grad_norm", cfg.max_grad_norm > 0, "> 0"),
-        ("eta", cfg.eta >= 0, ">= 0 (0 = the ODE)"),
+        ("eta", cfg.eta >= 0, ">= 0"),
         ("noise_level", cfg.noise_level >= 0, ">= 0"),
         ("std_floor", 0 <= cfg.std_floor <= 1, "in [0, 1]"),
         ("num_steps", cfg.num_steps >= 2, ">= 2"),
@@ -171,16 +174,26 @@ def check(cfg):
         ("pretrain_steps", cfg.pretrain_steps >= 0, ">= 0 (0 = the toy's default)"),
         ("resolution", cfg.resolution >= 1, ">= 1"),
     ]
-    rules += [(name, getattr(cfg, name) in valid, " or ".join(valid)) for name, valid in CHOICES.items()]
+    rules += [(name, getattr(cfg, name) in valid, " or ".join(valid)) for name, valid in choices().items()]
     rules.append(("prompts", cfg.prompts == "" or os.path.isfile(cfg.prompts), "an existing file, one prompt a line"))
-    rules.append(("resume", not cfg.resume or os.path.isfile(os.path.join(cfg.out, "ckpt.pt")), "a run in --out"))
     rules.append(("reward", cfg.reward in rewards.REWARDS or cfg.reward == "", "one of " + ", ".join(rewards.REWARDS)))
     for name, ok, valid in rules:
         if not ok:
             raise UsageError(f"--{name.replace('_', '-')}={getattr(cfg, name)!r} is invalid: must be {valid}")
-    if cfg.sampler == "ddim":
-        levels = sde.sigmas(cfg.num_steps, cfg.shift)
-        try:
-            sde.ddim_sigma(levels[:-1], levels[1:], cfg.eta)
-        except ValueError as e:
-            raise UsageError(f"--eta: {e}") from None
+    try:
+        trained = policy(cfg).trained
+    except ValueError as e:  # an eta for which sigma reaches s
+        raise UsageError(f"--eta: {e}") from None
+    if not trained:  # every step deterministic: nothing to train, and no loss to average
+        noise = "eta" if cfg.sampler == "ddim" else "noise_level"
+        if getattr(cfg, noise) == 0:
+            raise UsageError(f"--{noise.replace('_', '-')}={getattr(cfg, noise)!r} is invalid: the {cfg.sampler} "
+                             "sampler is then the ODE and has no random step to train; give a value > 0")
+        raise UsageError(f"--num-steps={cfg.num_steps} is invalid: the ddim sampler's first and last steps are "
+                         "deterministic, so it has no random step to train; give >= 3")
+
+
+def policy(cfg, guidance=1.0):
+    """The training policy the flags describe (sde.policy): sampler, schedule, noise scale, std floor, guidance."""
+    noise = cfg.eta if cfg.sampler == "ddim" else cfg.noise_level
+    return sde.policy(cfg.sampler, sde.sigmas(cfg.num_steps, cfg.shift), noise, guidance, cfg.std_floor)

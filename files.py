@@ -4,13 +4,8 @@ Every failure a user can cause (a missing prompt file, a model that cannot be lo
 output folder that cannot be written) is a UserError whose message names the flag and says what to do; train.py
 prints it as one line, `train.py: error: ...`, and exits with code 2, as argparse does for a bad flag.
 
-Choices:
-1. A model that is neither cached nor reachable makes a plain from_pretrained retry for about a minute, so the local
-   cache is tried first and the hub is asked with a short timeout before any download.
-2. transformers names its image processors after a torchvision backend, which this project never installs (it
-   pulls a CUDA build), and warns when diffusers' pipelines import them that it falls back to the PIL ones: the
-   classes this project's own code uses (bench_sd3: CLIPImageProcessorPil). `quiet_image_processors` drops just
-   that warning, so no run prints two lines about it.
+A model that is neither cached nor reachable makes a plain from_pretrained retry for about a minute, so hub_load
+tries the local cache first and asks the hub with a short timeout before any download.
 """
 import logging
 import os
@@ -28,8 +23,9 @@ class LoadError(UserError):
     """A model, reward or prompt file that cannot be loaded."""
 
 
-def read_prompts(path):
-    """The prompts of a text file, one a line, blank lines skipped; missing or empty: a LoadError naming --prompts."""
+def read_prompts(path, check=None):
+    """The prompts of a text file, one a line, blank lines skipped; a file that is missing, empty, or holds a prompt
+    that check(prompt) refuses with a ValueError is a LoadError naming --prompts and the file."""
     try:
         with open(path, encoding="utf-8") as f:
             prompts = [line.strip() for line in f if line.strip()]
@@ -38,11 +34,20 @@ def read_prompts(path):
         raise LoadError(f"--prompts {path}: cannot read the file ({why}); give a text file, one prompt a line") from e
     if not prompts:
         raise LoadError(f"--prompts {path}: the file holds no prompts; give a text file, one prompt a line")
+    for prompt in prompts if check else []:
+        try:
+            check(prompt)
+        except ValueError as e:
+            raise LoadError(f"--prompts {path}: {e}") from None
     return prompts
 
 
 def quiet_image_processors():
-    """Drop transformers' warning that its torchvision image processors fall back to PIL ones (choice 2)."""
+    """Drop transformers' warning that its torchvision image processors fall back to PIL ones.
+
+    transformers names its image processors after a torchvision backend, which this project never installs (it pulls
+    a CUDA build), and warns when diffusers' pipelines import them that it falls back to the PIL ones, the classes
+    this project uses anyway: so no run prints two lines about it."""
     logger = logging.getLogger("transformers.utils.import_utils")
     logger.addFilter(lambda record: "requires torchvision" not in record.getMessage())
 
@@ -62,7 +67,7 @@ def hub_load(load, name, flag, folder_ok=True):
     try:
         return load(name, local_files_only=True)
     except OSError:
-        pass  # not (fully) in the local cache: ask the hub below (choice 1)
+        pass  # not (fully) in the local cache: ask the hub below, with a short timeout
     problem = _hub_problem(name, folder_ok)
     if problem:
         raise LoadError(f"{flag}: cannot load {name}: {problem}")
@@ -123,25 +128,33 @@ def save_lora(transformer, directory):
     )
 
 
-def save_checkpoint(out, state, transformer):
-    """Atomic checkpoint: write to a temporary file, then rename over the old one (an interrupt leaves one whole).
+CHECKPOINT = "ckpt.pt"
+CHECKPOINT_KEYS = {"lora", "opt", "ema", "it", "history", "world_size"}
 
-    The LoRA goes along in diffusers' format (pipe.load_lora_weights(out/lora)), also written, then renamed."""
-    torch.save(state, os.path.join(out, "ckpt.pt.tmp"))
-    os.replace(os.path.join(out, "ckpt.pt.tmp"), os.path.join(out, "ckpt.pt"))
-    save_lora(transformer, os.path.join(out, "lora.tmp"))
+
+def has_checkpoint(out):
+    return os.path.isfile(os.path.join(out, CHECKPOINT))
+
+
+def save_checkpoint(out, lora, progress):
+    """out/ckpt.pt: the live LoRA, its optimizer and EMA (lora.state_dict()) and `progress` (it, history, world_size),
+    to resume from; out/lora: the LoRA to use, the EMA's (choice 15), in diffusers' format
+    (pipe.load_lora_weights(out/lora)). Each is written to a temporary name, then renamed: an interrupt leaves a
+    whole one."""
+    torch.save(lora.state_dict() | progress, os.path.join(out, CHECKPOINT + ".tmp"))
+    os.replace(os.path.join(out, CHECKPOINT + ".tmp"), os.path.join(out, CHECKPOINT))
+    with lora.averaged():
+        save_lora(lora.transformer, os.path.join(out, "lora.tmp"))
     os.makedirs(os.path.join(out, "lora"), exist_ok=True)
     for f in os.listdir(os.path.join(out, "lora.tmp")):
         os.replace(os.path.join(out, "lora.tmp", f), os.path.join(out, "lora", f))
     os.rmdir(os.path.join(out, "lora.tmp"))
 
 
-CHECKPOINT_KEYS = {"lora", "opt", "ema", "it", "history", "world_size"}
-
-
-def load_checkpoint(out):
-    """The state save_checkpoint wrote in out/ckpt.pt, or a UserError naming --resume and the file."""
-    path = os.path.join(out, "ckpt.pt")
+def load_checkpoint(out, lora, ranks):
+    """Restore `lora` from out/ckpt.pt and return the run's (it, history); a file that is not a checkpoint of this
+    run (unreadable, foreign, of other flags or another number of ranks) is a UserError naming --resume."""
+    path = os.path.join(out, CHECKPOINT)
     try:
         state = torch.load(path, weights_only=False, map_location="cpu")
     except (OSError, RuntimeError, EOFError, pickle.UnpicklingError, zipfile.BadZipFile, ValueError) as e:
@@ -150,4 +163,12 @@ def load_checkpoint(out):
     if not isinstance(state, dict) or not CHECKPOINT_KEYS <= state.keys():
         raise UserError(f"--resume: {path} is not a checkpoint of this train.py (keys missing); "
                         "delete it to start afresh, or point --out at another run")
-    return state
+    if state["world_size"] != ranks:
+        raise UserError(f"--resume: {path} was written by a run on {state['world_size']} rank(s), this one has "
+                        f"{ranks}: resume with the same number of processes")
+    try:
+        lora.load_state_dict(state)
+    except (RuntimeError, ValueError, KeyError) as e:
+        raise UserError(f"--resume: {path} was written by a run of other flags ({type(e).__name__}); "
+                        "resume with that run's flags (its config.json), or choose another --out") from e
+    return state["it"], state["history"]

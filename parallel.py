@@ -4,10 +4,10 @@
     torchrun --nnodes 2 --nproc_per_node 8 --rdzv_backend c10d --rdzv_endpoint HOST:29500 train.py ...
 
 Without torchrun (no RANK in the environment) everything here is the identity and train.py runs as one process.
-What each rank does alone, and what is global (METHOD.md §3-5 unchanged):
+What each rank does alone, and what is global (choice 17; the method of METHOD.md §3-5 unchanged):
 - Rank r samples whole prompt groups, r G/R .. (r+1) G/R - 1 of the iteration's G (--prompts-per-step is the
   global count), so a group's normalisation needs nothing from other ranks and ranks never share a prompt. Every
-  group's noise comes from its own generator seeded by (seed, iteration, group) (worlds.py, choice 1), so R ranks
+  group's noise comes from its own generator seeded by (seed, iteration, group) (choice 7), so R ranks
   sample exactly what one process samples.
 - Rollouts, x0 estimates, decoding and rewards stay local. The rewards (B x (T+1) floats) are all-gathered and every
   rank computes the whole batch's advantages, keeping its rows: --global-std and the logged means are global.

@@ -10,13 +10,11 @@ softly, so that blurry one-step Tweedie estimates (METHOD.md §3) get graded sco
     geneval_score         R(image, c): adherence of an image to its own prompt, in [0, 1]
     render_quality        max over ALL_PROMPTS of R(image, c): is the image a clean render of some prompt
 
-Choices:
-1. The reward multiplies soft criteria (colour amount, count, shape, position, purity), GenEval's "all must hold"
-   made continuous so that groups rarely tie; two objects share credit, and a wrong shape only halves an object's.
-2. Blob statistics weigh pixels softly: gains are differences of rewards of nearly equal images, so the reward must
-   not jump when one pixel crosses a threshold (test_detector_barely_moves_under_invisible_noise).
-3. The image statistics (colour masks, blobs, centroids) are computed once per image and then scored against any
-   number of prompts: render_quality scores every image against all 252 prompts at the cost of one detection.
+The reward is choice 29 of METHOD.md: soft criteria (colour amount, count, shape, position, purity) multiplied,
+GenEval's "all must hold" made continuous so that groups rarely tie, on blob statistics that weigh pixels softly, so
+that it does not jump when one pixel crosses a threshold (gains are differences of rewards of nearly equal images).
+The image statistics (colour masks, blobs, centroids) are computed once per image and then scored against any number
+of prompts: render_quality scores every image against all 252 prompts at the cost of one detection.
 """
 import math
 import random
@@ -198,7 +196,7 @@ def blobs(soft: torch.Tensor, lo: float = 0.3, hi: float = 0.7) -> tuple[torch.T
 
 def detect(images: torch.Tensor) -> dict[str, torch.Tensor]:
     """What the detector sees in images (B, 3, H, W) in [0, 1], per palette colour K: its mass (B, K), centroid
-    cy, cx (B, K), and its 3 heaviest blobs' mass, fill and skew (B, K, 3). No prompt involved (choice 3)."""
+    cy, cx (B, K), and its 3 heaviest blobs' mass, fill and skew (B, K, 3). No prompt involved."""
     B = images.shape[0]
     K = len(PALETTE)
     soft = colour_masks(images.float())                                                 # (B, K, H, W)

@@ -1,18 +1,12 @@
-"""Rewards by name (the interface in worlds.py): the one place where a run's --reward is chosen.
+"""Rewards by name: the one place where a run's --reward is chosen; a new reward is one function here.
 
 A reward R maps images (B, 3, H, W) float32 in [0, 1] and their prompts to (B,) float32 scores, without gradient.
 It scores final images and the Tweedie estimates decode(x0_est(x^(k))) alike (METHOD.md §3: r_k).
-- "toy_geneval": toy.geneval_score, the toy world's compositional check.
+- "toy_geneval": render.geneval_score, the toy world's compositional check (choice 29).
 - "pickscore": PickScore (Kirstain et al. 2023, yuvalkirstain/PickScore_v1), the paper's main reward, scaled as
-  Flow-GRPO reports it: logit_scale.exp() * cos(text, image) / 26, so its trained models sit near 0.9.
-- "clip": CLIP score with openai/clip-vit-large-patch14, the plain cosine cos(text, image) in [-1, 1].
-
-Choices:
-1. Images are preprocessed in torch on the reward's device (antialiased bicubic resize of the short side, centre
-   crop, the processor's mean/std) instead of the processor's PIL path: the T+1 images of every trajectory need
-   no GPU -> CPU -> PIL round trip. It matches the processor up to PIL's resampling (tested).
-2. CLIP score without Hessel et al.'s 2.5 * max(cos, 0): GRPO's group normalisation cancels a positive scale,
-   and the clip at 0 would hide differences between poor images.
+  Flow-GRPO reports it: logit_scale.exp() * cos(text, image) / 26, so its trained models sit near 0.9 (choice 23).
+- "clip": CLIP score with openai/clip-vit-large-patch14, the plain cosine cos(text, image) in [-1, 1] (choice 24).
+Images are preprocessed in torch on the reward's device, not through PIL (choice 22).
 """
 import torch
 import torch.nn.functional as F
@@ -40,7 +34,8 @@ def build(name, device):
 
 
 def clip_pixels(images, size, mean, std):
-    """CLIP's input from (B, 3, H, W) images in [0, 1]: short side resized to `size`, centre crop, normalised."""
+    """CLIP's input from (B, 3, H, W) images in [0, 1]: short side resized to `size`, centre crop, normalised; in
+    torch, on the images' device: the T+1 images of every trajectory need no GPU -> CPU -> PIL trip (choice 22)."""
     h, w = images.shape[-2:]
     hh, ww = max(size, round(h * size / min(h, w))), max(size, round(w * size / min(h, w)))
     x = F.interpolate(images, size=(hh, ww), mode="bicubic", antialias=True, align_corners=False)
@@ -102,9 +97,9 @@ def _load_scorer(cls, name, model_id, processor_id, device):
 
 @register("toy_geneval")
 def _toy_geneval(device):
-    import toy  # the toy world's reward; imported here so that SD3 runs do not need toy.py
+    import render  # the toy world's reward; imported here so that SD3 runs do not need it
 
-    return toy.geneval_score
+    return render.geneval_score
 
 
 @register("pickscore")

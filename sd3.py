@@ -1,46 +1,41 @@
-"""SD3World: Stable Diffusion 3 / 3.5 as a stepgrpo world (the interface in worlds.py), the paper's setup (METHOD §5).
+"""SD3World: Stable Diffusion 3 / 3.5 as a world.World: the paper's setup (choice 16).
 
 Wraps a diffusers StableDiffusion3Pipeline. encode: the pipeline's own encode_prompt (CLIP-L, CLIP-G, T5).
-velocity: one SD3Transformer2DModel forward, v ~ x1 - x0 at timestep 1000 t (METHOD §1), with classifier-free
-guidance from one doubled batch as the pipeline computes it (worlds.guided). decode: the VAE. Also the built-in
+velocity: one SD3Transformer2DModel forward, v ~ x1 - x0 at timestep 1000 t (METHOD.md §1), with classifier-free
+guidance from one doubled batch as the pipeline computes it (world.guided). decode: the VAE. Also the built-in
 GenEval-style prompt splits (prompts/*.txt); loading goes through files.hub_load, which fails fast.
 
 Notation: x -> x_t (B, C, H, W) latents; t -> t (B,) in [0, 1], 1 = noise; v -> v_theta(x_t, t, c);
 guidance -> g, CFG v = v_u + g (v_c - v_u) with v_u the empty prompt's velocity.
 
-Choices (where the paper is silent, Flow-GRPO's):
-1. T5 context of 128 tokens, as Flow-GRPO encodes prompts (the pipeline's default is 256): shorter joint attention.
-2. VAE in float32, as Flow-GRPO: it is small (~84M parameters), so the images the reward scores cost no precision.
-3. The CFG negative is the empty prompt, encoded once.
-4. The text encoders (CLIP-L, CLIP-G, T5-XXL: ~11 GB in bf16) must not travel between CPU and GPU every iteration
-   (--text-encoders): precompute encodes every training and held-out prompt once, on the GPU, keeps the encodings
-   on the CPU (~1.7 MB a prompt at SD3.5's sizes) and frees the encoders; resident keeps them on the GPU and caches
-   what they encode; offload keeps them on the CPU and moves them in to encode uncached prompts. auto: precompute
-   when the encodings fit in PRECOMPUTE_GB of RAM, else resident when the GPU has room, else offload.
+Choices (METHOD.md §7): 18 (T5's 128 tokens), 19 (the VAE in float32), 20 (the empty prompt as CFG's negative,
+encoded once), 21 (--text-encoders: the ~11 GB of text encoders never travel between CPU and GPU each iteration).
 """
 import os
 from collections import OrderedDict
 
 import torch
 
+from batching import chunks
 from files import hub_load, quiet_image_processors, read_prompts
-from worlds import chunks, guided
+from world import guided
 
-quiet_image_processors()  # before diffusers' pipelines import transformers' image processors (files.py, choice 2)
+quiet_image_processors()  # before diffusers' pipelines import transformers' image processors
 from diffusers import StableDiffusion3Pipeline  # noqa: E402
 
 PROMPT_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "prompts")
 TRAIN_PROMPTS = os.path.join(PROMPT_DIR, "geneval_train.txt")
 EVAL_PROMPTS = os.path.join(PROMPT_DIR, "geneval_eval.txt")
-MAX_SEQUENCE_LENGTH = 128  # T5 tokens (CHOICE 1)
+MAX_SEQUENCE_LENGTH = 128  # T5 tokens (choice 18)
 CACHE_SIZE = 1024  # prompts whose encodings stay on the device: ~1.7 MB each for SD3.5 in bf16
 DECODE_CHUNK = 16  # images per VAE decode: 512 px activations of a whole rollout batch at once do not fit
-PRECOMPUTE_GB = 8.0  # RAM the precomputed prompt encodings may take (CHOICE 4)
-HEADROOM_GB = 30.0  # GPU memory that training needs beside resident text encoders (CHOICE 4)
+PRECOMPUTE_GB = 8.0  # RAM the precomputed prompt encodings may take (choice 21)
+TEXT_MODES = ("precompute", "resident", "offload")  # what --text-encoders can ask for besides auto (choice 21)
+HEADROOM_GB = 30.0  # GPU memory that training needs beside resident text encoders (choice 21)
 
 
 class SD3World:
-    """The World of worlds.py on a StableDiffusion3Pipeline; base weights frozen, the LoRA is train.py's."""
+    """world.World on a StableDiffusion3Pipeline; base weights frozen, the LoRA is train.py's (lora.py)."""
 
     default_guidance = 4.5
 
@@ -51,7 +46,7 @@ class SD3World:
             if isinstance(module, torch.nn.Module):
                 module.requires_grad_(False).eval()
         self.transformer = pipe.transformer.to(self.device, dtype)
-        pipe.vae.to(self.device, torch.float32)  # CHOICE 2
+        pipe.vae.to(self.device, torch.float32)  # choice 19
         encoders = (pipe.text_encoder, pipe.text_encoder_2, pipe.text_encoder_3)
         self.text_encoders = [m for m in encoders if m is not None]
         if gradient_checkpointing:
@@ -64,13 +59,16 @@ class SD3World:
         self.train_prompts = list(train_prompts) if train_prompts is not None else read_prompts(TRAIN_PROMPTS)
         self.eval_prompts = read_prompts(EVAL_PROMPTS)
         self._cache = OrderedDict()  # prompt -> its encoding rows, least recently used first
-        self._negative = None  # the empty prompt's encoding rows (CHOICE 3)
+        self._negative = None  # the empty prompt's encoding rows (choice 20)
         self.text_mode = self._text_mode(text_encoders)
         for module in self.text_encoders:
             module.to("cpu" if self.text_mode == "offload" else self.device, dtype)
 
     def _text_mode(self, asked):
-        """CHOICE 4: what `auto` picks, by memory."""
+        """The text encoders' mode (choice 21): `asked`, or for `auto` the first that memory allows of precompute (the
+        encodings of every prompt in PRECOMPUTE_GB of RAM), resident (the GPU has room beside them), offload."""
+        if asked not in TEXT_MODES + ("auto",):
+            raise ValueError(f"text_encoders={asked!r}: must be auto or one of {', '.join(TEXT_MODES)}")
         if asked != "auto":
             return asked
         config = self.transformer.config
@@ -126,7 +124,7 @@ class SD3World:
         return cond
 
     def _text_encode(self, prompts):
-        """One encoding dict per prompt, from the pipeline's encode_prompt on the device (CHOICE 4)."""
+        """One encoding dict per prompt, from the pipeline's encode_prompt on the device (choice 21)."""
         offload = self.text_mode == "offload"
         if offload:
             for module in self.text_encoders:

@@ -6,8 +6,8 @@
 A batch's policy gradient is a noisy estimate of the true one. Split a batch's prompt groups into two halves and
 take each half's gradient at the start of training (ratio 1): their cosine is about |signal|^2 / (|signal|^2 +
 |noise|^2 / n), so it rises with the gradient's signal-to-noise ratio, and 0 means the halves share no direction.
-One set of rollouts and rewards serves every variant, which differ only in credit (stepwise gains, METHOD §4, vs
-the final reward on every step) and in the steps trained (--std-floor, README choice 8). Prints each variant's mean
+One set of rollouts and rewards serves every variant, which differ only in credit (stepwise gains, METHOD.md §4, vs
+the final reward on every step) and in the steps trained (--std-floor, choice 2). Prints each variant's mean
 cosine with its standard error, and its gradient norm.
 """
 import argparse
@@ -17,18 +17,18 @@ import sys
 import torch
 
 import config
-import learner
+import lora
 import rewards
 import stepgrpo
-from worlds import build_world, sample_groups, score, x0_estimates
+from runs import build_world
 
 
-def half_gradients(world, params, policy, batch, guidance, cfg):
+def half_gradients(world, params, policy, batch, cfg):
     """The flattened GRPO gradients of the first and the second half of the batch's trajectories."""
     grads = []
-    B = len(batch["adv"])
+    B = len(batch.advantages)
     for half in (slice(0, B // 2), slice(B // 2, B)):
-        learner.backward(world, policy, batch, half, guidance, cfg, 1 / len(policy.trained))
+        stepgrpo.backward(world, policy, batch, half, 1 / len(policy.trained), cfg)
         grads.append(torch.cat([p.grad.flatten() for p in params]))
         for p in params:
             p.grad = None
@@ -49,22 +49,20 @@ def main(argv):
     world = build_world(cfg, "cpu")
     reward_fn = rewards.build(cfg.reward or "toy_geneval", "cpu")
     guidance = cfg.guidance or world.default_guidance
-    floored = learner.policy(cfg)
-    everything = learner.policy(dataclasses.replace(cfg, std_floor=0.0))
-    params = learner.add_lora(world.transformer, cfg)
+    floored = config.policy(cfg, guidance)
+    everything = config.policy(dataclasses.replace(cfg, std_floor=0.0), guidance)
+    params = lora.add_lora(world.transformer, cfg.lora_rank, cfg.lora_alpha)
+    options = dict(per_step=cfg.per_step_norm, global_std=cfg.global_std, adv_clip=cfg.adv_clip)
     found = {}
     for i in range(batches):
-        prompts, groups, cond, out, _ = sample_groups(world, cfg, floored, guidance, i, "cpu")
-        x0 = x0_estimates(world, out, cond, groups, floored.levels, cfg.tweedie_substeps, cfg.tweedie_batch,
-                          guidance)[0]
-        r = score(world, reward_fn, x0, prompts)[0]
-        final = stepgrpo.flow_grpo_advantages(r[:, -1], groups, cfg.global_std, cfg.adv_clip)
-        credit = {"stepwise": stepgrpo.stepwise_advantages(r, groups, cfg.per_step_norm, cfg.adv_clip, cfg.global_std),
-                  "flow_grpo": final[:, None].expand(-1, cfg.num_steps)}
-        for name, adv in credit.items():
-            batch = dict(states=out["states"], log_probs=out["log_probs"], cond=cond, adv=adv)
+        batch = stepgrpo.sample_groups(world, floored, cfg, i, range(cfg.prompts_per_step))
+        x0 = stepgrpo.x0_estimates(world, batch, floored, cfg.tweedie_substeps, cfg.tweedie_batch)[0]
+        r = stepgrpo.rewards(world, reward_fn, x0, batch.prompts)[0]
+        for name, credit in stepgrpo.CREDITS.items():
+            adv = credit.advantages(r, batch.groups, **options)
+            batch.advantages = adv.expand(-1, cfg.num_steps)
             for policy in (floored, everything):
-                g1, g2 = half_gradients(world, params, policy, batch, guidance, cfg)
+                g1, g2 = half_gradients(world, params, policy, batch, cfg)
                 cosine = torch.cosine_similarity(g1, g2, 0).item()
                 found.setdefault((name, str(policy.trained)), []).append((cosine, g1.norm().item()))
     print(f"{cfg.sampler} SDE, {batches} batches of 2 x {cfg.prompts_per_step // 2} prompts x {cfg.group_size}\n"

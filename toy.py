@@ -1,33 +1,20 @@
 """The toy text-to-image world: a tiny SD3 base model, its text encoder, pretraining with caption noise, ToyWorld.
 
-A miniature of SD3.5 Medium (METHOD.md §6: GenEval 0.28 at cfg 1): clean renders, imperfect prompt adherence. The
+A miniature of SD3.5 Medium (METHOD.md §8: GenEval 0.28 at cfg 1): clean renders, imperfect prompt adherence. The
 model is a small diffusers SD3Transformer2DModel and a token + position embedding text encoder, pretrained by flow
 matching on freshly rendered (render.py) pairs whose captions are sometimes wrong, as real captions are. The base
 ships in assets/toy_base.safetensors, made by `OMP_NUM_THREADS=1 python toy.py --pretrain` (bit for bit with one
 thread; 16 minutes on one busy core); any other configuration is pretrained once and cached under cache_dir.
 `python toy.py --measure` prints the base's held-out adherence (reward against the prompt asked) and render
-quality (best reward over all prompts, render.render_quality), at guidance 1 with worlds.evaluate's ODE sampling.
+quality (best reward over all prompts, render.render_quality), at guidance 1 with evaluate.held_out's ODE sampling.
 
 Notation: x0 clean image in [-1, 1] (B, 3, H, W); x1 ~ N(0, I); x_t = (1 - t) x0 + t x1; v ~ x1 - x0;
 timestep = 1000 t.
 
-Choices (the paper has nothing to say here):
-1. t ~ U(0, 1) in pretraining, not SD3's logit-normal: the sampler (shift 3) and the Tweedie rewards visit every
-   level from t = 1 to t ~ 0.01, and this tiny model has no capacity to spare for favouring the middle.
-2. The base's imperfection is caption noise, where real models get theirs: 40% of pretraining captions are wrong
-   about one attribute (another colour, shape or count, or the relation's two objects swapped), the image drawn
-   from the true prompt. The base renders cleanly but often a neighbouring prompt, and the asked one is among its
-   samples: RL only has to sharpen what the conditioning carries. Measured (held-out, guidance 1, 200 samples):
-   adherence 0.39, render quality 0.79; 60 iterations of train.py then reach 0.66 with Stepwise-Flow-GRPO (0.57
-   after 10) and 0.64 with Flow-GRPO (0.52 after 10). Undertraining instead (the first toy: 1200 steps, no noise)
-   rendered blotches: render quality 0.44, adherence 0.25, an imperfection no reward can sort into shapes.
-3. Patch 4 (16 image tokens), 4 layers, 12000 steps: an RL iteration of the toy preset costs 1-1.3 s on a free
-   core. Longer pretraining is paid once, since the base ships; the patch size is paid by every RL iteration of
-   every run. Render quality (adherence) measured: 8000 steps 0.76 (0.38), 12000 steps 0.79 (0.39); patch 2 with
-   2 layers, 1.3x a training step, 0.77 (0.36) at 6000 steps; patch 2 with 4 layers, 2.6x a training step
-   (~2x an RL iteration), 0.83 (0.37) at 6000 steps (a colleague's probe).
-4. The text encoder is token + position embeddings, so order-aware: "a red square left of a blue circle" and
-   "a blue circle left of a red square" differ (a bag of words could not tell them apart, nor could RL).
+The paper has nothing to say here; the toy world's choices are METHOD.md's 25-30: t ~ U(0, 1) in pretraining
+(choice 25), caption noise as the base's imperfection (choice 26), patch 4, 4 layers, 12,000 steps (choice 27), an
+order-aware text encoder (choice 28), the soft GenEval-like reward of render.py (choice 29), the toy preset of
+config.py (choice 30).
 """
 import argparse
 import hashlib
@@ -45,15 +32,12 @@ from tqdm import tqdm
 
 import sde
 from render import (ALL_PROMPTS, BACKGROUND, EVAL_PROMPTS, NUMBERS, PALETTE, RES, SHAPES, SIZE, SUPERSAMPLE,
-                    TRAIN_PROMPTS, Spec, _split, geneval_score, parse, prompt_of, render_batch, render_quality)
-from worlds import guided
-
-# the world's public names, the renderer's included, so callers need only `import toy` (_split: for its test)
-__all__ = ["ALL_PROMPTS", "EVAL_PROMPTS", "PALETTE", "RES", "SHAPES", "TRAIN_PROMPTS", "ToyWorld", "_split",
-           "base_scores", "geneval_score", "miscaption", "parse", "prompt_of", "render_batch", "render_quality"]
+                    TRAIN_PROMPTS, Spec, geneval_score, parse, prompt_of, render_batch, render_quality)
+from world import guided
 
 MAX_TOKENS = 8
 VOCAB = ["<pad>"] + sorted({w for p in ALL_PROMPTS for w in p.split()})
+# patch 4 (16 image tokens), 4 layers: the cost of every RL iteration of every run (choice 27)
 MODEL = dict(sample_size=RES, patch_size=4, in_channels=3, out_channels=3, num_layers=4, attention_head_dim=16,
              num_attention_heads=4, joint_attention_dim=32, caption_projection_dim=64, pooled_projection_dim=32,
              pos_embed_max_size=RES // 4)
@@ -66,7 +50,8 @@ SHIPPED = Path(__file__).resolve().parent / "assets" / "toy_base.safetensors"
 
 class TextEncoder(torch.nn.Module):
     """Token + position embeddings -> encoder_hidden_states (B, L, D); their mean over tokens is the pooled (B, D).
-    Prompts are padded to MAX_TOKENS; the empty prompt is all padding (the unconditional input of CFG)."""
+    Prompts are padded to MAX_TOKENS; the empty prompt is all padding (the unconditional input of CFG). Position
+    embeddings make it order-aware: a relation and its swap differ (choice 28)."""
 
     def __init__(self, dim: int):
         super().__init__()
@@ -106,7 +91,7 @@ def miscaption(prompt: str, rng: random.Random) -> str:
 
 
 def flow_matching_loss(transformer, text, x0: torch.Tensor, prompts: list[str], gen: torch.Generator) -> torch.Tensor:
-    """||v_theta(x_t, t, c) - (x1 - x0)||^2 at t ~ U(0, 1) (choice 1 of the docstring)."""
+    """||v_theta(x_t, t, c) - (x1 - x0)||^2 at t ~ U(0, 1) (choice 25)."""
     x1 = torch.randn(x0.shape, generator=gen, device=x0.device)
     t = torch.rand(len(x0), generator=gen, device=x0.device).view(-1, 1, 1, 1)
     xt = (1 - t) * x0 + t * x1
@@ -115,7 +100,7 @@ def flow_matching_loss(transformer, text, x0: torch.Tensor, prompts: list[str], 
 
 def captions(prompts: list[str], rng: random.Random) -> list[str]:
     """What pretraining reads for images drawn from `prompts`: PRETRAIN['miscaption'] wrong about one attribute
-    (choice 2), then PRETRAIN['drop'] emptied, so the same network also learns the unconditional velocity of CFG."""
+    (choice 26), then PRETRAIN['drop'] emptied, so the same network also learns the unconditional velocity of CFG."""
     noisy = [miscaption(p, rng) if rng.random() < PRETRAIN["miscaption"] else p for p in prompts]
     return [p if rng.random() >= PRETRAIN["drop"] else "" for p in noisy]
 
@@ -174,8 +159,9 @@ def save_weights(module: torch.nn.Module, path: Path, key: str) -> None:
 
 
 class ToyWorld:
-    """The World interface (worlds.py) for the toy task: frozen pretrained base, prompts, encode, velocity, decode.
-    Weights: the shipped file if its key matches this configuration, else the cache, else pretraining (cached)."""
+    """world.World for the toy task: frozen pretrained base, prompts, encode, velocity, decode. Weights: the shipped
+    file if its key matches this configuration, else the cache, else pretraining (cached). train_prompts replaces
+    the built-in training split (prompts of the toy grammar: the toy reward reads no other)."""
 
     default_guidance = 1.0
     latent_shape = (3, RES, RES)
@@ -183,8 +169,11 @@ class ToyWorld:
     eval_prompts = EVAL_PROMPTS
     render_quality = staticmethod(render_quality)  # the evaluation logs it beside the held-out reward
 
-    def __init__(self, device="cpu", cache_dir=DEFAULT_CACHE, pretrain_steps=DEFAULT_PRETRAIN_STEPS, seed=0):
+    def __init__(self, device="cpu", cache_dir=DEFAULT_CACHE, pretrain_steps=DEFAULT_PRETRAIN_STEPS, seed=0,
+                 train_prompts=None):
         self.device = torch.device(device)
+        if train_prompts is not None:
+            self.train_prompts = list(train_prompts)
         both = initial_model(seed).to(self.device)
         self.transformer = both["transformer"]
         self.text = both["text"]
@@ -222,7 +211,7 @@ class ToyWorld:
 @torch.no_grad()
 def base_scores(world: ToyWorld, prompts: list[str], steps: int = 20, seed: int = 1) -> tuple[torch.Tensor, ...]:
     """(adherence, render quality), each (B,), of the world's samples of `prompts` at guidance 1, ODE sampling as
-    worlds.evaluate does it (ddim_step with eta 0 over sde.sigmas(steps, 3)), from noises seeded by `seed`."""
+    evaluate.held_out does it (ddim_step with eta 0 over sde.sigmas(steps, 3)), from noises seeded by `seed`."""
     x = torch.randn(len(prompts), *world.latent_shape, generator=torch.Generator().manual_seed(seed))
     x = x.to(world.device)
     cond = world.encode(prompts)
