@@ -2,6 +2,7 @@
 
 Nothing here changes what the method computes (METHOD.md §2-5); it decides which random numbers, in which order,
 through which forward passes:
+    draw_prompts              the iteration's G prompts, the same on every rank
     noise_seed, group_noise   every prompt group's noises from a generator of its own (choice 7)
     update_order              which trajectories each optimizer step trains (choice 11)
     micro_batches             the forward passes of each optimizer step, in sampling and in training alike

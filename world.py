@@ -2,7 +2,7 @@
 
 Two worlds implement it: toy.ToyWorld (the built-in toy, on a CPU) and sd3.SD3World (Stable Diffusion 3 / 3.5 via
 diffusers, the paper's setup). A new model (FLUX, SD3.5 Large, ...) is one new file with a class of these members
-and one line in runs.build_world. The loop adds a peft LoRA to `transformer` and trains only that.
+and a few lines in runs.build_world. The loop adds a peft LoRA to `transformer` and trains only that.
 
 Notation: x -> x_t (B, *latent_shape); t -> (B,) in [0, 1], 1 = noise; v -> v_theta(x_t, t, c) ~ x1 - x0;
 guidance -> g, CFG v = v_u + g (v_c - v_u) with v_u the velocity of the empty prompt (METHOD.md §1).
