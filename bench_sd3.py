@@ -25,9 +25,9 @@ import time
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
+import clip_scorers
 import config
 import lora
-import rewards
 import runs
 import sd3
 import train
@@ -101,7 +101,7 @@ def build(tiny, device, gradient_checkpointing):
     processor = CLIPProcessor(image_processor=CLIPImageProcessorPil(size={"shortest_edge": side},
                                                                  crop_size={"height": side, "width": side}),
                               tokenizer=byte_tokenizer())
-    return world, rewards.PickScore(model, processor).to(device)  # float32, as PickScore_v1 loads
+    return world, clip_scorers.PickScore(model, processor).to(device)  # float32, as PickScore_v1 loads
 
 
 class Counter:

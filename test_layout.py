@@ -11,8 +11,9 @@ ROOT = os.path.dirname(os.path.abspath(__file__))
 # The architecture, bottom up: a module imports only modules of lower layers. A new module gets a layer here.
 LAYERS = [
     ["sde", "batching", "parallel", "files", "render", "plots", "world"],  # math, bookkeeping, I/O, the interface
-    ["stepgrpo", "lora", "rewards", "toy", "sd3"],  # the method; the pieces and worlds it runs on
-    ["config", "evaluate"],  # flags; the held-out measurements
+    ["stepgrpo", "lora", "toy", "sd3", "clip_scorers"],  # the method; the pieces, worlds and scorers it runs on
+    ["rewards", "evaluate"],  # the rewards by name; the held-out measurements
+    ["config"],  # the flags
     ["runs"],  # a run: built from the flags, logged, checkpointed, evaluated
     ["train"],  # the loop
     ["bench", "bench_sd3", "snr"],  # scripts that run the loop

@@ -10,48 +10,29 @@ import time
 import types
 from functools import partial
 
-import numpy as np
 import pytest
 import torch
 from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
 from peft import get_peft_model_state_dict
-from PIL import Image
-from transformers import (CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor, CLIPTextConfig,
-                          CLIPTextModelWithProjection, CLIPTokenizer, T5Config, T5EncoderModel, T5Tokenizer)
-from transformers.convert_slow_tokenizer import bytes_to_unicode
+from transformers import CLIPTextModelWithProjection, T5Config, T5EncoderModel, T5Tokenizer
 
 import bench_sd3
+import clip_scorers
 import config
 import files
 import lora
-import render
 import rewards
 import runs
 import sd3
 import sde
 import train
-from conftest import dead_ends, relative_error
+from conftest import dead_ends, relative_error, tiny_clip, tiny_clip_tokenizer, tiny_text_config
 from world import World, base_model
 
-PROMPTS = ["a photo of two red apples", "a blue bench left of a yellow dog"]
 PROMPTS = ["a photo of two red apples", "a blue bench left of a yellow dog"]
 
 
 # ---------------------------------------------------------------- tiny components
-
-def tiny_clip_tokenizer():
-    """A byte-level CLIP tokenizer without merges: 256 bytes, their </w> forms, start and end (514 ids), 40 tokens."""
-    chars = list(bytes_to_unicode().values())
-    vocab = {c: i for i, c in enumerate(chars)} | {c + "</w>": 256 + i for i, c in enumerate(chars)}
-    vocab |= {"<|startoftext|>": 512, "<|endoftext|>": 513}
-    return CLIPTokenizer(vocab=vocab, merges=[], model_max_length=40)
-
-
-def tiny_text_config():
-    return CLIPTextConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
-                          projection_dim=16, vocab_size=514, max_position_embeddings=40,
-                          bos_token_id=512, eos_token_id=513, pad_token_id=513)
-
 
 def tiny_pipe(seed=0):
     """A StableDiffusion3Pipeline of ~20k random parameters: 8x8 latents, VAE factor 1."""
@@ -96,6 +77,11 @@ def add_lora(transformer, seed=1):
 
 
 # ---------------------------------------------------------------- SD3World
+
+def test_sd3_world_is_a_world(world):
+    """SD3World implements world.World, the protocol the loop needs."""
+    assert isinstance(world, World)
+
 
 def test_velocity_with_guidance_is_the_pipelines_cfg_arithmetic(world):
     """velocity(g) = v_u + g (v_c - v_u) from the pipeline's own encodings, [uncond; cond] in one batch."""
@@ -315,81 +301,12 @@ def test_built_in_prompt_splits_are_disjoint_and_used_by_default(world):
     assert tiny_world(train_prompts=["a cat"]).train_prompts == ["a cat"]
 
 
-# ---------------------------------------------------------------- rewards
-
-def tiny_clip():
-    """A random CLIPModel (16 px images, 8 px patches) and a processor built in memory."""
-    torch.manual_seed(0)
-    config = CLIPConfig(text_config=tiny_text_config().to_dict(), projection_dim=16,
-                        vision_config=dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1,
-                                           num_attention_heads=2, image_size=16, patch_size=8, projection_dim=16))
-    processor = CLIPProcessor(image_processor=CLIPImageProcessor(size={"shortest_edge": 16},
-                                                                 crop_size={"height": 16, "width": 16}),
-                              tokenizer=tiny_clip_tokenizer())
-    return CLIPModel(config).eval(), processor
-
-
-def smooth_images(batch, height, width, seed=0):
-    """Random low-frequency images in [0, 1], where PIL's and torch's resampling differ least."""
-    coarse = torch.rand(batch, 3, 4, 4, generator=torch.Generator().manual_seed(seed))
-    return torch.nn.functional.interpolate(coarse, size=(height, width), mode="bilinear", align_corners=True)
-
-
-def test_pickscore_is_the_scaled_cosine_of_the_models_embeddings():
-    """PickScore = diag(logits_per_image) / 26, i.e. logit_scale.exp() * cos(text, image) / 26."""
-    model, processor = tiny_clip()
-    images = smooth_images(3, 24, 20)
-    prompts = ["a red apple", "two dogs", "a bench"]
-    score = rewards.PickScore(model, processor)(images, prompts)
-    pixels = rewards.clip_pixels(images, 16, torch.tensor(processor.image_processor.image_mean),
-                                 torch.tensor(processor.image_processor.image_std))
-    text = processor.tokenizer(prompts, padding=True, return_tensors="pt")
-    with torch.no_grad():
-        logits = model(input_ids=text.input_ids, attention_mask=text.attention_mask, pixel_values=pixels)
-    logits = logits.logits_per_image
-    assert score.shape == (3,) and score.dtype == torch.float32
-    assert relative_error(score, logits.diagonal() / 26) < 1e-5, "PickScore is not logit_scale.exp() * cos / 26"
-    cos = rewards.CLIPScore(model, processor)(images, prompts)
-    assert relative_error(cos * model.logit_scale.exp() / 26, score) < 1e-5, "CLIPScore is not the plain cosine"
-
-
-def test_torch_preprocessing_matches_the_clip_processor_on_a_pil_image():
-    """clip_pixels of a [0, 1] tensor is close to the processor's PIL resize, crop and normalisation."""
-    _, processor = tiny_clip()
-    image = smooth_images(1, 40, 32)
-    pil = Image.fromarray((image[0].permute(1, 2, 0).numpy() * 255).round().astype(np.uint8))
-    expected = processor(images=pil, return_tensors="pt").pixel_values
-    ours = rewards.clip_pixels(torch.from_numpy(np.array(pil)).permute(2, 0, 1)[None].float() / 255, 16,
-                               torch.tensor(processor.image_processor.image_mean),
-                               torch.tensor(processor.image_processor.image_std))
-    assert ours.shape == expected.shape
-    err = (ours - expected).abs()
-    assert err.mean() < 0.02 and err.max() < 0.1, \
-        f"preprocessing differs from CLIP's: mean {err.mean()}, max {err.max()}"
-
-
-def test_a_reward_that_cannot_be_loaded_fails_within_seconds_naming_the_reward_flag():
-    """build('pickscore') and build('clip') without the weights raise LoadError naming --reward, in < 10 s."""
-    for name in ("pickscore", "clip"):
-        start = time.perf_counter()
-        with pytest.raises(files.LoadError, match=f"--reward {name}"):
-            rewards.build(name, "cpu")
-        assert time.perf_counter() - start < 10
-
-
-def test_rewards_are_chosen_by_name():
-    """build('toy_geneval') is render.geneval_score; an unknown name is a ValueError listing the valid ones."""
-    assert rewards.build("toy_geneval", "cpu") is render.geneval_score
-    with pytest.raises(ValueError, match="clip, pickscore, toy_geneval"):
-        rewards.build("imagereward", "cpu")
-
-
 # ---------------------------------------------------------------- train.py on SD3 (the paper's path)
 
 def tiny_pickscore(device):
-    """rewards.PickScore over the tiny random CLIP; its seeding leaves the global RNG (the LoRA init) alone."""
+    """clip_scorers.PickScore over the tiny random CLIP; its seeding leaves the global RNG (the LoRA init) alone."""
     with torch.random.fork_rng():
-        return rewards.PickScore(*tiny_clip()).to(device)
+        return clip_scorers.PickScore(*tiny_clip()).to(device)
 
 
 def test_two_sd3_pickscore_iterations_train_only_the_lora_and_save_a_loadable_one(tmp_path, monkeypatch):
