@@ -28,6 +28,7 @@ from torch.utils.flop_counter import FlopCounterMode
 import clip_scorers
 import config
 import lora
+import rewards
 import runs
 import sd3
 import train
@@ -44,13 +45,6 @@ SD3_VAE = dict(in_channels=3, out_channels=3, down_block_types=("DownEncoderBloc
                up_block_types=("UpDecoderBlock2D",) * 4, block_out_channels=(128, 256, 512, 512), layers_per_block=2,
                latent_channels=16, norm_num_groups=32, scaling_factor=1.5305, shift_factor=0.0609,
                use_quant_conv=False, use_post_quant_conv=False)
-# laion/CLIP-ViT-H-14-laion2B-s32B-b79K, the CLIP-H that PickScore_v1 fine-tunes
-CLIP_H = dict(projection_dim=1024,
-              text_config=dict(hidden_size=1024, num_hidden_layers=24, num_attention_heads=16, intermediate_size=4096,
-                               max_position_embeddings=77, hidden_act="gelu"),
-              vision_config=dict(hidden_size=1280, num_hidden_layers=32, num_attention_heads=16,
-                                 intermediate_size=5120,
-                                 patch_size=14, image_size=224, hidden_act="gelu"))
 # --tiny: the same code paths (dual attention, rms qk-norm, a 4-level VAE of factor 8) at CPU size
 TINY_TRANSFORMER = dict(SD35_MEDIUM, sample_size=8, num_layers=2, attention_head_dim=8, num_attention_heads=2,
                         joint_attention_dim=32, caption_projection_dim=16, pooled_projection_dim=32,
@@ -85,7 +79,7 @@ def byte_tokenizer():
 def build(tiny, device, gradient_checkpointing):
     """The world (transformer + VAE, random weights) and a PickScore reward over a random CLIP of the right size."""
     specials = dict(bos_token_id=512, eos_token_id=513, pad_token_id=513)  # pooling reads the eos position
-    clip = TINY_CLIP if tiny else CLIP_H
+    clip = TINY_CLIP if tiny else clip_scorers.CLIP_H_CONFIG  # the CLIP-H that PickScore_v1 fine-tunes
     with torch.device(device):  # initialise on the GPU: a CPU init of 3.5B random parameters takes minutes
         transformer = SD3Transformer2DModel(**(TINY_TRANSFORMER if tiny else SD35_MEDIUM))
         vae = AutoencoderKL(**(TINY_VAE if tiny else SD3_VAE))
@@ -131,14 +125,12 @@ class Counter:
 
 def row_flops(cfg):
     """Model FLOPs of one row at full size, on meta tensors: transformer forward, forward + backward with the LoRA
-    (base weights frozen: activation gradients only), VAE decode at cfg.resolution, PickScore (CLIP-H)."""
+    (base weights frozen: activation gradients only), VAE decode at cfg.resolution, PickScore (rewards.py)."""
     side = cfg.resolution // 8
     with torch.device("meta"):
         transformer = SD3Transformer2DModel(**SD35_MEDIUM).to(torch.bfloat16)
         lora.add_lora(transformer, cfg.lora_rank, cfg.lora_alpha)
         vae = AutoencoderKL(**SD3_VAE)
-        clip = CLIPModel(CLIPConfig(projection_dim=CLIP_H["projection_dim"], vision_config=CLIP_H["vision_config"],
-                                    text_config=CLIP_H["text_config"]))
     meta = dict(device="meta")
     inputs = dict(hidden_states=torch.randn(1, 16, side, side, dtype=torch.bfloat16, **meta),
                   timestep=torch.full((1,), 500.0, **meta), return_dict=False,
@@ -147,12 +139,11 @@ def row_flops(cfg):
     counted = {}
     for name, fn in [("forward", lambda: transformer(**inputs)),
                      ("train", lambda: transformer(**inputs)[0].float().sum().backward()),
-                     ("decode", lambda: vae.decode(torch.randn(1, 16, side, side, **meta))),
-                     ("reward", lambda: clip(input_ids=torch.zeros(1, 77, dtype=torch.long, **meta),
-                                             pixel_values=torch.randn(1, 3, 224, 224, **meta)))]:
+                     ("decode", lambda: vae.decode(torch.randn(1, 16, side, side, **meta)))]:
         with FlopCounterMode(display=False) as flops, torch.set_grad_enabled(name == "train"):
             fn()
         counted[name] = flops.get_total_flops()
+    counted["reward"] = rewards.flops_per_image("pickscore")
     return counted
 
 
@@ -223,6 +214,28 @@ def report(results, per_row, peak_tflops):
     return "\n".join(lines), totals
 
 
+REWARDS = ("pickscore", "clip", "hpsv2", "aesthetic", "imagereward", "unifiedreward", "ocr")
+
+
+def reward_costs(results, totals, per_row):
+    """What each reward would cost in place of PickScore: its FLOPs an image at full size, its share of one iteration
+    of each method (the iteration's other FLOPs unchanged), and the Stepwise / Flow-GRPO ratio it makes."""
+    lines = ["| reward | GFLOP / image | Stepwise: TFLOP, share of its iteration | Flow-GRPO: TFLOP, share | "
+             "Stepwise / Flow-GRPO |", "|---|---|---|---|---|"]
+    for name in REWARDS:
+        per_image = rewards.flops_per_image(name)
+        cells = []
+        iteration = {}
+        for method in ("stepwise", "flow_grpo"):
+            images = results[method]["rows"]["reward"]
+            cost = images * per_image / 1e12
+            iteration[method] = totals[method] - images * per_row["reward"] / 1e12 + cost
+            cells.append(f"{cost:,.0f} ({images} images), {100 * cost / iteration[method]:.0f}%")
+        ratio = iteration["stepwise"] / iteration["flow_grpo"]
+        lines.append(f"| {name} | {per_image / 1e9:,.0f} | {cells[0]} | {cells[1]} | {ratio:.2f}x |")
+    return "\n".join(lines)
+
+
 def annotate(result, cfg):
     """Which forward rows were the rollout's, which the KL reference's, and rows per phase for the table."""
     B, T = cfg.prompts_per_step * cfg.group_size, cfg.num_steps
@@ -269,6 +282,7 @@ def main():
     per_row = row_flops(dataclasses.replace(runs["stepwise"], resolution=512))
     table, totals = report(results, per_row, args.peak_tflops)
     print(table)
+    print("\nEach reward in PickScore's place, model FLOPs at full size:\n" + reward_costs(results, totals, per_row))
     if args.out:
         with open(args.out, "w") as f:
             json.dump(dict(args=vars(args), device=str(device), torch=torch.__version__, row_tflops=per_row,

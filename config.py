@@ -18,14 +18,17 @@ from dataclasses import dataclass
 import rewards
 import sde
 import stepgrpo
+import tracking
 from files import UserError
 
 
 @dataclass
 class Config:
     model: str = "toy"  # "toy", or a diffusers SD3 pipeline: a hub id or a local folder
-    reward: str = ""  # toy_geneval | pickscore | clip ("" = the world's: toy_geneval for the toy, pickscore for SD3)
-    prompts: str = ""  # training prompts FILE, one a line ("" = the world's built-in train split)
+    reward: str = ""  # a reward or a weighted sum, ocr:0.8,pickscore:0.2 ("" = toy_geneval on the toy, else pickscore)
+    reward_batch: int = 0  # images a reward scores at once (0 = all); Stepwise scores T+1 images a trajectory
+    prompts: str = ""  # training prompts: a FILE, one a line, or a Flow-GRPO dataset FOLDER ("" = the world's)
+    eval_prompts: str = ""  # held-out prompts: a FILE or a FOLDER's test split ("" = --prompts folder's, or built-in)
     advantage: str = "stepwise"  # the credit (stepgrpo.CREDITS): stepwise (gains g_k, §4) | flow_grpo (final reward)
     per_step_norm: bool = False  # normalise gains per step instead of jointly (the paper's slower ablation)
     global_std: bool = False  # divide advantages by the whole batch's std, not the group's (choice 10)
@@ -61,6 +64,7 @@ class Config:
     save_every: int = 10  # iterations between checkpoints
     seed: int = 0  # seeds prompts, noises and the LoRA init
     out: str = "runs/latest"  # output folder
+    log_to: str = "none"  # none | tensorboard | wandb: every logged key and the sample grids there too
     resume: bool = False  # continue from out/ckpt.pt (none there yet: start afresh, saying so)
     pretrain_steps: int = 0  # toy only: base-model pretraining steps (0 = toy's default)
     cache_dir: str = ".cache/toy"  # toy only: where a pretrained base model is cached (keyed by its config)
@@ -74,7 +78,8 @@ TEXT_ENCODERS = ("auto", "precompute", "resident", "offload")  # what sd3.SD3Wor
 
 def choices():
     """The valid values of the enumerated flags; credits are read from stepgrpo.CREDITS, so a new one is a flag."""
-    return {"advantage": tuple(stepgrpo.CREDITS), "sampler": sde.SAMPLERS, "text_encoders": TEXT_ENCODERS}
+    return {"advantage": tuple(stepgrpo.CREDITS), "sampler": sde.SAMPLERS, "text_encoders": TEXT_ENCODERS,
+            "log_to": tracking.TRACKERS}
 
 
 def toy(cfg):
@@ -88,7 +93,7 @@ def sd35(cfg):
     """The paper's setting on one GPU (choice 16): Flow-GRPO's group of 8 on one GPU and its EMA (decay 0.9 every 8
     steps), bounded memory for x0_est."""
     return dataclasses.replace(cfg, reward="pickscore", micro_batch=8, tweedie_batch=16, prompts_per_step=4,
-                               ema_decay=0.9)
+                               ema_decay=0.9, reward_batch=32)
 
 
 def flow_grpo_method(cfg):
@@ -130,8 +135,9 @@ def parse_args(argv=None):
     for f in dataclasses.fields(Config):
         kind = _boolean if f.type is bool else f.type
         metavar = None if f.name in valid else f.type.__name__.upper()
+        meaning = comments[f.name] + ("; rewards: " + ", ".join(rewards.REWARDS) if f.name == "reward" else "")
         p.add_argument("--" + f.name.replace("_", "-"), type=kind, default=None, choices=valid.get(f.name),
-                       metavar=metavar, help=f"{comments[f.name]} (default {f.default!r})")
+                       metavar=metavar, help=f"{meaning} (default {f.default!r})")
     given = {k: v for k, v in vars(p.parse_args(argv)).items() if v is not None}
     cfg = Config(model=given.get("model", "toy"))
     cfg = toy(cfg) if cfg.model == "toy" else sd35(cfg)
@@ -170,16 +176,23 @@ def check(cfg):
         ("eval_every", cfg.eval_every >= 1, ">= 1"),
         ("eval_steps", cfg.eval_steps >= 1, ">= 1"),
         ("eval_repeats", cfg.eval_repeats >= 1, ">= 1"),
+        ("reward_batch", cfg.reward_batch >= 0, ">= 0 (0 = all images at once)"),
         ("save_every", cfg.save_every >= 1, ">= 1"),
         ("pretrain_steps", cfg.pretrain_steps >= 0, ">= 0 (0 = the toy's default)"),
         ("resolution", cfg.resolution >= 1, ">= 1"),
     ]
     rules += [(name, getattr(cfg, name) in valid, " or ".join(valid)) for name, valid in choices().items()]
-    rules.append(("prompts", cfg.prompts == "" or os.path.isfile(cfg.prompts), "an existing file, one prompt a line"))
-    rules.append(("reward", cfg.reward in rewards.REWARDS or cfg.reward == "", "one of " + ", ".join(rewards.REWARDS)))
+    for name in ("prompts", "eval_prompts"):
+        rules.append((name, getattr(cfg, name) == "" or os.path.exists(getattr(cfg, name)),
+                      "an existing file, one prompt a line, or a Flow-GRPO dataset folder"))
     for name, ok, valid in rules:
         if not ok:
             raise UsageError(f"--{name.replace('_', '-')}={getattr(cfg, name)!r} is invalid: must be {valid}")
+    tracking.check(cfg.log_to)
+    try:
+        rewards.parse(cfg.reward or "pickscore")
+    except ValueError as e:
+        raise UsageError(str(e)) from None
     try:
         trained = policy(cfg).trained
     except ValueError as e:  # an eta for which sigma reaches s

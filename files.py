@@ -7,6 +7,7 @@ prints it as one line, `train.py: error: ...`, and exits with code 2, as argpars
 A model that is neither cached nor reachable makes a plain from_pretrained retry for about a minute, so hub_load
 tries the local cache first and asks the hub with a short timeout before any download.
 """
+import json
 import logging
 import os
 import pickle
@@ -23,23 +24,49 @@ class LoadError(UserError):
     """A model, reward or prompt file that cannot be loaded."""
 
 
-def read_prompts(path, check=None):
-    """The prompts of a text file, one a line, blank lines skipped; a file that is missing, empty, or holds a prompt
-    that check(prompt) refuses with a ValueError is a LoadError naming --prompts and the file."""
+def read_prompts(path, check=None, split="train", flag="--prompts"):
+    """The prompts of a text file, one a line, blank lines skipped; or of a Flow-GRPO dataset folder: its
+    `split`.txt, or GenEval's `split`_metadata.jsonl, one JSON object a line whose "prompt" is read. A folder
+    without them, a file that is missing, unreadable or empty, a malformed JSON line, or a prompt that check(prompt)
+    refuses with a ValueError is a LoadError naming `flag` and the file (and the line)."""
+    if os.path.isdir(path):
+        path = _split_file(path, split, flag)
     try:
         with open(path, encoding="utf-8") as f:
-            prompts = [line.strip() for line in f if line.strip()]
+            lines = [(i, line.strip()) for i, line in enumerate(f, 1) if line.strip()]
     except (OSError, UnicodeDecodeError) as e:
         why = e.strerror if isinstance(e, OSError) else "it is not UTF-8 text"
-        raise LoadError(f"--prompts {path}: cannot read the file ({why}); give a text file, one prompt a line") from e
-    if not prompts:
-        raise LoadError(f"--prompts {path}: the file holds no prompts; give a text file, one prompt a line")
+        raise LoadError(f"{flag} {path}: cannot read the file ({why}); give a text file, one prompt a line") from e
+    if not lines:
+        raise LoadError(f"{flag} {path}: the file holds no prompts; give a text file, one prompt a line")
+    prompts = [_prompt_of(line, path, i, flag) if str(path).endswith(".jsonl") else line for i, line in lines]
     for prompt in prompts if check else []:
         try:
             check(prompt)
         except ValueError as e:
-            raise LoadError(f"--prompts {path}: {e}") from None
+            raise LoadError(f"{flag} {path}: {e}") from None
     return prompts
+
+
+def _split_file(folder, split, flag):
+    """A Flow-GRPO dataset folder's file of `split`: split.txt (text datasets) or split_metadata.jsonl (GenEval)."""
+    for name in (f"{split}.txt", f"{split}_metadata.jsonl"):
+        if os.path.isfile(os.path.join(folder, name)):
+            return os.path.join(folder, name)
+    raise LoadError(f"{flag} {folder}: the folder holds neither {split}.txt nor {split}_metadata.jsonl (Flow-GRPO's "
+                    "dataset layouts); give such a folder or a text file, one prompt a line")
+
+
+def _prompt_of(line, path, number, flag):
+    """The "prompt" of one line of a GenEval metadata file."""
+    try:
+        prompt = json.loads(line)["prompt"]
+    except (ValueError, TypeError, KeyError) as e:
+        raise LoadError(f"{flag} {path}: line {number} is not a JSON object with a \"prompt\" "
+                        f"({type(e).__name__}: {e})") from None
+    if not isinstance(prompt, str) or not prompt.strip():
+        raise LoadError(f"{flag} {path}: line {number} has no prompt text in its \"prompt\" field")
+    return prompt.strip()
 
 
 def quiet_image_processors():

@@ -4,7 +4,8 @@ train.main calls these, one line each; the method itself is in stepgrpo.py and s
     start           check the flags, build the world, reward, policy and LoRA, prepare --out, resume if asked
     build_world     the model behind the loop: the toy world or a diffusers SD3 pipeline (world.World)
     held_out        the held-out reward of the weights in use (the EMA's, if any), and a sample grid
-    log, save       a line of out/metrics.jsonl and the progress bar; a checkpoint and the LoRA to use
+    log, save       a line of out/metrics.jsonl, the tracker (--log-to) and the progress bar; a checkpoint and
+                    the LoRA to use
     finish          the final evaluation and the figures; then the summary line
 Under torchrun only rank 0 (`Run.lead`) writes and prints (parallel.py, choice 17).
 """
@@ -25,6 +26,7 @@ import parallel
 import plots
 import rewards
 import sde
+import tracking
 from lora import LoRA
 from world import World
 
@@ -39,6 +41,7 @@ class Run:
     lora: LoRA  # the trained weights, their optimizer and EMA
     ranks: int  # processes under torchrun (1 without)
     lead: bool  # rank 0, the one that writes and prints
+    tracker: object = None  # TensorBoard or W&B (--log-to, tracking.py), rank 0's
 
 
 def build_world(cfg, device):
@@ -46,15 +49,25 @@ def build_world(cfg, device):
     if cfg.model == "toy":
         import toy
 
-        # --prompts replaces the training prompts; the toy reward reads only prompts of its grammar
-        prompts = files.read_prompts(cfg.prompts, check=toy.parse) if cfg.prompts else None
+        # the toy reward reads only prompts of its grammar
         steps = cfg.pretrain_steps or toy.DEFAULT_PRETRAIN_STEPS
-        return toy.ToyWorld(device, cfg.cache_dir, steps, train_prompts=prompts)
+        return toy.ToyWorld(device, cfg.cache_dir, steps, prompts=prompt_sets(cfg, check=toy.parse))
     import sd3
 
-    prompts = files.read_prompts(cfg.prompts) if cfg.prompts else None
     return sd3.SD3World.load(cfg.model, device, resolution=cfg.resolution, text_encoders=cfg.text_encoders,
-                             gradient_checkpointing=cfg.gradient_checkpointing, train_prompts=prompts)
+                             gradient_checkpointing=cfg.gradient_checkpointing, prompts=prompt_sets(cfg))
+
+
+def prompt_sets(cfg, check=None):
+    """(training, held-out) prompts of --prompts and --eval-prompts, None where the world's own serve. A dataset
+    folder given to --prompts also gives the held-out set, its test split, unless --eval-prompts names one."""
+    train = files.read_prompts(cfg.prompts, check) if cfg.prompts else None
+    held_out = None
+    if cfg.eval_prompts:
+        held_out = files.read_prompts(cfg.eval_prompts, check, split="test", flag="--eval-prompts")
+    elif cfg.prompts and os.path.isdir(cfg.prompts):
+        held_out = files.read_prompts(cfg.prompts, check, split="test")
+    return train, held_out
 
 
 def start(cfg):
@@ -72,11 +85,16 @@ def start(cfg):
                                 f"number only {len(world.train_prompts)}")
     default_reward = "toy_geneval" if cfg.model == "toy" else "pickscore"
     cfg = replace(cfg, guidance=cfg.guidance or world.default_guidance, reward=cfg.reward or default_reward)
-    reward_fn = rewards.build(cfg.reward, device)
+    try:
+        rewards.check_prompts(cfg.reward, world.train_prompts + world.eval_prompts)
+    except ValueError as e:  # before any model is loaded for it
+        raise files.LoadError(f"--reward {cfg.reward}: {e}; give --prompts whose prompts it can score") from None
+    reward_fn = rewards.build(cfg.reward, device, cfg.reward_batch)
     policy = config.policy(cfg, cfg.guidance)
     run = Run(cfg, world, reward_fn, policy, LoRA(world.transformer, cfg), ranks, lead=rank == 0)
     if run.lead:
         files.output_folder(cfg.out)
+        run.tracker = tracking.open_tracker(cfg.log_to, cfg.out, asdict(cfg))
     first, history = 0, []
     if cfg.resume and parallel.all_true(files.has_checkpoint(cfg.out)):
         first, history = files.load_checkpoint(cfg.out, run.lora, ranks)
@@ -110,8 +128,10 @@ def write_metrics(run, rows, mode="a"):
 
 
 def log(run, bar, m):
-    """An iteration's metrics into out/metrics.jsonl and onto the progress bar."""
+    """An iteration's metrics into out/metrics.jsonl, the tracker and the progress bar."""
     write_metrics(run, [m])
+    if run.tracker:
+        run.tracker.log(m, step=m["it"])
     shown = {"eval": f"{m['eval_reward']:.3f}"} if "eval_reward" in m else {}
     bar.set_postfix(reward=f"{m['reward']:.3f}", kl=f"{m['kl']:.2g}", **shown)
 
@@ -133,26 +153,39 @@ def interruptible():
         signal.signal(signal.SIGINT, previous)
 
 
-def held_out(run, samples=None):
-    """The held-out metrics of the LoRA in use (the EMA's, if any); `samples`: a PNG of the first 16 to write."""
+def held_out(run, it, samples=None):
+    """The held-out metrics of the LoRA in use (the EMA's, if any) at iteration `it`; `samples`: a PNG of the first
+    16 to write (and to track)."""
     with run.lora.averaged():
         m, images, prompts = evaluate.held_out(run.world, run.reward_fn, run.cfg)
     if samples and run.lead:
         plots.grid(images[:16], prompts[:16], os.path.join(run.cfg.out, samples))
+        track_image(run, samples, it)
     return m
+
+
+def track_image(run, name, it):
+    """The PNG out/`name`, if written, to the tracker."""
+    path = os.path.join(run.cfg.out, name)
+    if run.tracker and os.path.isfile(path):
+        run.tracker.image(name.removesuffix(".png"), path, it)
 
 
 def finish(run, history):
     """The final held-out evaluation, logged as iteration `steps`, and the run's figures."""
     cfg = run.cfg
-    history.append({"it": cfg.steps} | held_out(run, "samples_end.png"))
+    history.append({"it": cfg.steps} | held_out(run, cfg.steps, "samples_end.png"))
     write_metrics(run, history[-1:])
+    if run.tracker:
+        run.tracker.log(history[-1], step=cfg.steps)
     if run.lead:
         with run.lora.averaged():
             images, r, prompt = evaluate.figure1(run.world, run.reward_fn, run.policy, cfg)
         plots.curves(history, os.path.join(cfg.out, "reward_curve.png"))
         plots.gains(history, os.path.join(cfg.out, "fig2_gains.png"))
         plots.trajectories(images, r, run.policy.levels, prompt, os.path.join(cfg.out, "fig1_trajectories.png"))
+        for name in ("reward_curve.png", "fig2_gains.png", "fig1_trajectories.png"):
+            track_image(run, name, cfg.steps)
 
 
 def summary(run, history):
@@ -163,4 +196,6 @@ def summary(run, history):
         if "eval_quality" in evals[0]:
             text += f", render quality {evals[0]['eval_quality']:.3f} -> {evals[-1]['eval_quality']:.3f}"
         print(f"{text}; outputs in {run.cfg.out}/")
+    if run.tracker:
+        run.tracker.close()
     return dict(history=history, eval_rewards=[h["eval_reward"] for h in evals], out=run.cfg.out)

@@ -39,9 +39,12 @@ class SD3World:
 
     default_guidance = 4.5
 
-    def __init__(self, pipe, device, dtype=torch.bfloat16, train_prompts=None, gradient_checkpointing=False,
+    def __init__(self, pipe, device, dtype=torch.bfloat16, prompts=(None, None), gradient_checkpointing=False,
                  text_encoders="auto", resolution=512):
-        self.pipe, self.device, self.dtype = pipe, torch.device(device), dtype
+        """prompts: (training, held-out) lists replacing the built-in splits where not None."""
+        self.pipe = pipe
+        self.device = torch.device(device)
+        self.dtype = dtype
         for module in pipe.components.values():
             if isinstance(module, torch.nn.Module):
                 module.requires_grad_(False).eval()
@@ -56,8 +59,9 @@ class SD3World:
             raise ValueError(f"resolution {resolution} must be a multiple of {multiple} (VAE factor x patch size)")
         side = resolution // pipe.vae_scale_factor
         self.latent_shape = (self.transformer.config.in_channels, side, side)
-        self.train_prompts = list(train_prompts) if train_prompts is not None else read_prompts(TRAIN_PROMPTS)
-        self.eval_prompts = read_prompts(EVAL_PROMPTS)
+        train, held_out = prompts
+        self.train_prompts = list(train) if train is not None else read_prompts(TRAIN_PROMPTS)
+        self.eval_prompts = list(held_out) if held_out is not None else read_prompts(EVAL_PROMPTS)
         self._cache = OrderedDict()  # prompt -> its encoding rows, least recently used first
         self._negative = None  # the empty prompt's encoding rows (choice 20)
         self.text_mode = self._text_mode(text_encoders)

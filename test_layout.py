@@ -11,7 +11,8 @@ ROOT = os.path.dirname(os.path.abspath(__file__))
 # The architecture, bottom up: a module imports only modules of lower layers. A new module gets a layer here.
 LAYERS = [
     ["sde", "batching", "parallel", "files", "render", "plots", "world"],  # math, bookkeeping, I/O, the interface
-    ["stepgrpo", "lora", "toy", "sd3", "clip_scorers"],  # the method; the pieces, worlds and scorers it runs on
+    ["stepgrpo", "lora", "toy", "sd3", "tracking"],  # the method; the pieces and worlds it runs on
+    ["clip_scorers", "imagereward", "unifiedreward", "ocr"],  # the reward models
     ["rewards", "evaluate"],  # the rewards by name; the held-out measurements
     ["config"],  # the flags
     ["runs"],  # a run: built from the flags, logged, checkpointed, evaluated

@@ -204,8 +204,8 @@ def test_the_training_velocity_has_no_gradient_through_the_unconditional_branch(
 def test_precomputed_prompt_encodings_equal_the_encoders_output_and_free_them():
     """--text-encoders precompute: every train and held-out prompt encoded once, the encoders dropped, and the
     same encodings as the resident encoders give; a prompt outside both lists is refused by name."""
-    resident = tiny_world(train_prompts=PROMPTS, text_encoders="resident")
-    pre = tiny_world(train_prompts=PROMPTS, text_encoders="precompute")
+    resident = tiny_world(prompts=(PROMPTS, None), text_encoders="resident")
+    pre = tiny_world(prompts=(PROMPTS, None), text_encoders="precompute")
     a = resident.encode(PROMPTS[::-1])
     b = pre.encode(PROMPTS[::-1])
     assert a.keys() == b.keys() and all(relative_error(b[k], a[k]) < 1e-5 for k in a), "encodings differ"
@@ -292,13 +292,15 @@ def test_read_prompts_names_the_flag_and_path_for_a_missing_or_empty_file(tmp_pa
 
 
 def test_built_in_prompt_splits_are_disjoint_and_used_by_default(world):
-    """The built-in GenEval-style train and held-out prompts do not overlap; train_prompts overrides train only."""
+    """The built-in GenEval-style train and held-out prompts do not overlap; prompts=(train, held_out) replace them."""
     train, held_out = files.read_prompts(sd3.TRAIN_PROMPTS), files.read_prompts(sd3.EVAL_PROMPTS)
     assert len(train) >= 90 and len(held_out) >= 25
     assert len(set(train)) == len(train) and len(set(held_out)) == len(held_out), "duplicate prompts"
     assert not set(train) & set(held_out), "a held-out prompt is also a training prompt"
     assert world.train_prompts == train and world.eval_prompts == held_out
-    assert tiny_world(train_prompts=["a cat"]).train_prompts == ["a cat"]
+    assert tiny_world(prompts=(["a cat"], None)).train_prompts == ["a cat"]
+    replaced = tiny_world(prompts=(None, ["a dog"]))
+    assert replaced.train_prompts == train and replaced.eval_prompts == ["a dog"], "each split replaces its own"
 
 
 # ---------------------------------------------------------------- train.py on SD3 (the paper's path)

@@ -259,13 +259,13 @@ def test_a_clean_render_of_another_prompt_has_high_render_quality_but_low_adhere
 
 
 def test_a_training_prompt_file_replaces_the_split_and_must_hold_prompts_of_the_grammar(tmp_path):
-    """ToyWorld(train_prompts=...) trains on them; runs.build_world refuses a file holding a foreign prompt, naming
+    """ToyWorld(prompts=(train, None)) trains on them; runs.build_world refuses a file holding a foreign prompt, naming
     --prompts, the file and the prompt."""
     import config
     import files
     import runs
 
-    world = toy.ToyWorld("cpu", train_prompts=["two red squares", "a blue circle"])
+    world = toy.ToyWorld("cpu", prompts=(["two red squares", "a blue circle"], None))
     assert world.train_prompts == ["two red squares", "a blue circle"] and world.eval_prompts == render.EVAL_PROMPTS
     path = tmp_path / "prompts.txt"
     path.write_text("two red squares\na photo of a cat\n")

@@ -3,6 +3,7 @@ user's mistakes as one-line errors, lora.py's EMA, batching.py's update plan, an
 a world). Every run here is a tiny one (conftest.tiny_config): seconds on 2 CPU cores.
 """
 import dataclasses
+import importlib.util
 import json
 import math
 import os
@@ -16,6 +17,7 @@ from diffusers import SD3Transformer2DModel
 
 import batching
 import config
+import files
 import lora
 import rewards
 import runs
@@ -109,7 +111,11 @@ def test_a_fixed_seed_short_run_climbs_its_reward(tmp_path, monkeypatch, sign):
 @pytest.mark.parametrize("flags,match", [
     (dict(group_size=1), "--group-size=1 is invalid: must be >= 2"),
     (dict(eta=5.0), "--eta: eta=5.0 makes sigma reach s"),
-    (dict(reward="hps"), "--reward='hps' is invalid: must be one of"),
+    (dict(reward="hps"), "--reward 'hps': 'hps' is unknown; valid rewards: "),
+    (dict(reward="pickscore:x"), "--reward 'pickscore:x': the weight of pickscore must be a number"),
+    (dict(reward="pickscore,pickscore:2"), "--reward 'pickscore,pickscore:2': a reward is named twice"),
+    (dict(reward_batch=-1), "--reward-batch=-1 is invalid: must be >= 0"),
+    (dict(eval_prompts="/no/such/folder"), "--eval-prompts='/no/such/folder' is invalid"),
     (dict(lr=0.0), "--lr=0.0 is invalid: must be > 0"),
     (dict(prompts="/no/such/file.txt"), "--prompts='/no/such/file.txt' is invalid"),
     (dict(sampler="euler"), "--sampler='euler' is invalid"),
@@ -258,9 +264,11 @@ def cli(argv, capsys):
     return code, printed.out + printed.err
 
 
-def test_every_user_mistake_ends_in_one_error_line_and_exit_code_2(tmp_path, capsys):
-    """Bad flags, prompt files, checkpoints, output folders and models: each ends in one line `train.py: error: ...`
-    and exit code 2, with no traceback."""
+def test_every_user_mistake_ends_in_one_error_line_and_exit_code_2(tmp_path, capsys, monkeypatch):
+    """Bad flags, prompt files, rewards, checkpoints, output folders, models and a missing tracking package: each
+    ends in one line `train.py: error: ...` and exit code 2, with no traceback."""
+    find_spec = importlib.util.find_spec  # wandb, installed or not here, is missing for this test
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "wandb" else find_spec(name, *a))
     (tmp_path / "empty.txt").write_text("\n\n")
     (tmp_path / "foreign.txt").write_text("a photo of a cat\n")
     (tmp_path / "binary.txt").write_bytes(b"\xff\xfe\x00\x81")
@@ -271,6 +279,9 @@ def test_every_user_mistake_ends_in_one_error_line_and_exit_code_2(tmp_path, cap
                tmp_path / "other" / "ckpt.pt")
     (tmp_path / "a_file").write_text("")
     (tmp_path / "not_a_model").mkdir()
+    (tmp_path / "no_dataset").mkdir()
+    (tmp_path / "geneval").mkdir()
+    (tmp_path / "geneval" / "train_metadata.jsonl").write_text('{"prompt": "two red squares"}\n{"prompt": two\n')
     world = ["--pretrain-steps", "2", "--cache-dir", str(tmp_path / "cache")]
     cases = [["--group-size", "1"], ["--shared-noise", "maybe"], ["--steps", "abc"], ["--group-sise", "4"],
              ["--eta", "5"], ["--advantage", "ppo"], ["--sampler", "euler"], ["--reward", "hps"], ["--lr", "0"],
@@ -279,7 +290,10 @@ def test_every_user_mistake_ends_in_one_error_line_and_exit_code_2(tmp_path, cap
              ["--updates-per-iteration", "3"], ["--prompts", "/no/such/file.txt"],
              ["--sampler", "flow_grpo", "--noise-level", "0"], ["--eta", "0"], ["--num-steps", "2"],
              ["--prompts", str(tmp_path / "empty.txt")] + world, ["--prompts", str(tmp_path / "foreign.txt")] + world,
-             ["--prompts", str(tmp_path / "binary.txt")] + world,
+             ["--prompts", str(tmp_path / "binary.txt")] + world, ["--prompts", str(tmp_path / "no_dataset")] + world,
+             ["--prompts", str(tmp_path / "geneval")] + world, ["--reward", "pickscore:x"],
+             ["--reward", "toy_geneval,toy_geneval"], ["--eval-prompts", str(tmp_path / "empty.txt")] + world,
+             ["--reward", "ocr:x"], ["--reward", "ocr:0.8,pickscore:0.2"] + world, ["--log-to", "wandb"],
              ["--resume", "true", "--out", str(tmp_path / "corrupt")] + world,
              ["--resume", "true", "--out", str(tmp_path / "other")] + world,
              ["--out", str(tmp_path / "a_file")] + world, ["--prompts-per-step", "1000"] + world,
@@ -355,3 +369,34 @@ def test_a_new_world_is_one_class_of_the_world_protocol(tmp_path, monkeypatch):
         rows = train.main(cfg)["history"]
         assert all(math.isfinite(r["loss"]) for r in rows[:2]), f"{advantage}: non-finite loss on a new world"
         assert any(v.abs().sum() > 0 for k, v in lora_state(cfg.out).items() if "lora_B" in k), "the LoRA never moved"
+
+
+def test_prompts_read_both_flow_grpo_dataset_layouts_and_the_test_split_is_held_out(tmp_path):
+    """--prompts takes Flow-GRPO's folders: train.txt/test.txt, or GenEval's train/test_metadata.jsonl (each line's
+    "prompt"); the folder's test split becomes the held-out set unless --eval-prompts names another."""
+    text = tmp_path / "pickscore"
+    text.mkdir()
+    (text / "train.txt").write_text("two red squares\n\na blue circle\n")
+    (text / "test.txt").write_text("three green triangles\n")
+    geneval = tmp_path / "geneval"
+    geneval.mkdir()
+    row = lambda p: json.dumps({"tag": "counting", "include": [{"class": "square", "count": 2}], "prompt": p})
+    (geneval / "train_metadata.jsonl").write_text(row("two red squares") + "\n" + row("a blue circle") + "\n")
+    (geneval / "test_metadata.jsonl").write_text(row("three green triangles") + "\n")
+    for folder in (text, geneval):
+        cfg = tiny_config(tmp_path, prompts=str(folder))
+        assert runs.prompt_sets(cfg) == (["two red squares", "a blue circle"], ["three green triangles"])
+        world = runs.build_world(cfg, "cpu")
+        assert world.eval_prompts == ["three green triangles"], "the folder's test split must be held out"
+    (tmp_path / "held.txt").write_text("a yellow square\n")
+    cfg = tiny_config(tmp_path, prompts=str(geneval), eval_prompts=str(tmp_path / "held.txt"))
+    assert runs.prompt_sets(cfg)[1] == ["a yellow square"], "--eval-prompts must override the folder's test split"
+
+
+def test_a_malformed_metadata_line_is_an_error_naming_the_file_and_the_line(tmp_path):
+    """A GenEval metadata line that is not JSON, or has no "prompt", is refused with its file and line number."""
+    path = tmp_path / "train_metadata.jsonl"
+    for bad in ('{"prompt": "a cat"}\n{"tag": "x"}\n', '{"prompt": "a cat"}\n\n{"prompt": "a dog"\n'):
+        path.write_text(bad)
+        with pytest.raises(files.LoadError, match=f"--prompts {path}: line [23] is not a JSON object"):
+            files.read_prompts(str(path))

@@ -160,8 +160,9 @@ def save_weights(module: torch.nn.Module, path: Path, key: str) -> None:
 
 class ToyWorld:
     """world.World for the toy task: frozen pretrained base, prompts, encode, velocity, decode. Weights: the shipped
-    file if its key matches this configuration, else the cache, else pretraining (cached). train_prompts replaces
-    the built-in training split (prompts of the toy grammar: the toy reward reads no other)."""
+    file if its key matches this configuration, else the cache, else pretraining (cached). prompts: (training,
+    held-out) lists replacing the built-in splits where not None (prompts of the toy grammar: the toy reward reads
+    no other)."""
 
     default_guidance = 1.0
     latent_shape = (3, RES, RES)
@@ -170,10 +171,13 @@ class ToyWorld:
     render_quality = staticmethod(render_quality)  # the evaluation logs it beside the held-out reward
 
     def __init__(self, device="cpu", cache_dir=DEFAULT_CACHE, pretrain_steps=DEFAULT_PRETRAIN_STEPS, seed=0,
-                 train_prompts=None):
+                 prompts=(None, None)):
         self.device = torch.device(device)
-        if train_prompts is not None:
-            self.train_prompts = list(train_prompts)
+        train, held_out = prompts
+        if train is not None:
+            self.train_prompts = list(train)
+        if held_out is not None:
+            self.eval_prompts = list(held_out)
         both = initial_model(seed).to(self.device)
         self.transformer = both["transformer"]
         self.text = both["text"]

@@ -98,7 +98,7 @@ def main(cfg):
             m = {"it": it}
             with timed(m, "t_eval", run.world.device):
                 if it % cfg.eval_every == 0:
-                    m |= runs.held_out(run, samples="samples_start.png" if it == 0 else None)
+                    m |= runs.held_out(run, it, samples="samples_start.png" if it == 0 else None)
             step, taken = iteration(run, it)
             m |= step
             for ok in taken:
