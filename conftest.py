@@ -7,7 +7,9 @@ import os
 
 os.environ["HF_HUB_OFFLINE"] = "1"  # nothing can be downloaded in tests: fail at once instead of retrying
 
+import numpy as np  # noqa: E402
 import torch  # noqa: E402
+from PIL import Image  # noqa: E402
 from transformers import (CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor, CLIPTextConfig,  # noqa: E402
                           CLIPTokenizer)
 from transformers.convert_slow_tokenizer import bytes_to_unicode  # noqa: E402
@@ -73,3 +75,10 @@ def smooth_images(batch, height, width, seed=0):
     """Random low-frequency images in [0, 1], where PIL's and torch's resampling differ least."""
     coarse = torch.rand(batch, 3, 4, 4, generator=torch.Generator().manual_seed(seed))
     return torch.nn.functional.interpolate(coarse, size=(height, width), mode="bilinear", align_corners=True)
+
+
+def smooth_pil(height, width, seed=0):
+    """A smooth random image as a PIL image (uint8) and as the (1, 3, H, W) tensor in [0, 1] of those very bytes: the
+    same picture for a processor's PIL path and for a torch preprocessing."""
+    pixels = (smooth_images(1, height, width, seed)[0].permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
+    return Image.fromarray(pixels), torch.from_numpy(pixels).permute(2, 0, 1)[None].float() / 255

@@ -11,7 +11,7 @@ from transformers import CLIPConfig, CLIPModel
 
 import clip_scorers
 import files
-from conftest import relative_error, smooth_images, tiny_clip
+from conftest import relative_error, smooth_images, smooth_pil, tiny_clip
 
 
 def test_pickscore_is_the_scaled_cosine_of_the_models_embeddings():
@@ -35,12 +35,10 @@ def test_pickscore_is_the_scaled_cosine_of_the_models_embeddings():
 def test_torch_preprocessing_matches_the_clip_processor_on_a_pil_image():
     """clip_pixels of a [0, 1] tensor is close to the processor's PIL resize, crop and normalisation."""
     _, processor = tiny_clip()
-    image = smooth_images(1, 40, 32)
-    pil = Image.fromarray((image[0].permute(1, 2, 0).numpy() * 255).round().astype(np.uint8))
+    pil, image = smooth_pil(40, 32)
     expected = processor(images=pil, return_tensors="pt").pixel_values
-    ours = clip_scorers.clip_pixels(torch.from_numpy(np.array(pil)).permute(2, 0, 1)[None].float() / 255, 16,
-                               torch.tensor(processor.image_processor.image_mean),
-                               torch.tensor(processor.image_processor.image_std))
+    ours = clip_scorers.clip_pixels(image, 16, torch.tensor(processor.image_processor.image_mean),
+                                    torch.tensor(processor.image_processor.image_std))
     assert ours.shape == expected.shape
     err = (ours - expected).abs()
     assert err.mean() < 0.02 and err.max() < 0.1, \
@@ -184,11 +182,9 @@ def test_a_checkpoint_with_a_weight_too_many_or_too_few_is_refused(tmp_path):
 def test_hps_preprocessing_matches_the_clip_processor_on_a_square_pil_image():
     """For a square image HPSv2's pad-to-square is CLIP's resize: hps_pixels is close to the processor's PIL path."""
     _, processor = tiny_clip()
-    image = smooth_images(1, 40, 40)
-    pil = Image.fromarray((image[0].permute(1, 2, 0).numpy() * 255).round().astype(np.uint8))
+    pil, image = smooth_pil(40, 40)
     expected = processor(images=pil, return_tensors="pt").pixel_values
-    ours = clip_scorers.hps_pixels(torch.from_numpy(np.array(pil)).permute(2, 0, 1)[None].float() / 255, 16,
-                                   torch.tensor(processor.image_processor.image_mean),
+    ours = clip_scorers.hps_pixels(image, 16, torch.tensor(processor.image_processor.image_mean),
                                    torch.tensor(processor.image_processor.image_std))
     err = (ours - expected).abs()
     assert ours.shape == expected.shape and err.mean() < 0.02 and err.max() < 0.1, \

@@ -11,7 +11,7 @@ from PIL import Image
 
 import files
 import imagereward
-from conftest import relative_error, smooth_images
+from conftest import relative_error, smooth_images, smooth_pil
 
 WORDS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "a", "red", "apple", "two", "dogs", "on", "the", "bench",
          "##es", "cat"]
@@ -211,14 +211,13 @@ def test_the_tokenizer_is_blips_with_dec_as_bos_and_enc_added(tmp_path):
 
 def test_torch_preprocessing_matches_imagerewards_pil_transform():
     """imagereward_pixels of a [0, 1] tensor is close to Resize(bicubic), CenterCrop and Normalize on a PIL image."""
-    image = smooth_images(1, 43, 29)  # 43 x 29 -> 23 x 16 (truncated, not rounded), crop offset round(3.5) = 4
-    pil = Image.fromarray((image[0].permute(1, 2, 0).numpy() * 255).round().astype(np.uint8))
+    pil, image = smooth_pil(43, 29)  # 43 x 29 -> 23 x 16 (truncated, not rounded), crop offset round(3.5) = 4
     width, height = 16, int(16 * 43 / 29)  # torchvision's Resize(16) of a PIL image calls PIL's resize
     resized = pil.resize((width, height), Image.BICUBIC)
     top = int(round((height - 16) / 2.0))  # torchvision's CenterCrop
     cropped = np.asarray(resized.crop((0, top, 16, top + 16)), dtype=np.float32) / 255
     expected = normalise(torch.from_numpy(cropped).permute(2, 0, 1)[None])  # ToTensor, Normalize
-    ours = imagereward.imagereward_pixels(torch.from_numpy(np.array(pil)).permute(2, 0, 1)[None].float() / 255, 16)
+    ours = imagereward.imagereward_pixels(image, 16)
     assert ours.shape == expected.shape == (1, 3, 16, 16)
     err = (ours - expected).abs()
     assert err.mean() < 0.02 and err.max() < 0.1, \

@@ -12,7 +12,7 @@ from transformers.convert_slow_tokenizer import bytes_to_unicode
 
 import files
 import ocr
-from conftest import smooth_images
+from conftest import smooth_images, smooth_pil
 
 SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<img>", "</img>", "<imgpad>"]  # GOT's prompt's
 
@@ -108,9 +108,9 @@ def test_torch_preprocessing_matches_the_got_processor_on_a_pil_image(tiny_got):
     _, processor = tiny_got
     mean, std = torch.tensor(processor.image_processor.image_mean), torch.tensor(processor.image_processor.image_std)
     for height, width in [(40, 56), (96, 80)]:
-        pil = to_pil(smooth_images(1, height, width)[0])
+        pil, image = smooth_pil(height, width)
         expected = processor.image_processor(pil, return_tensors="pt").pixel_values
-        ours = ocr.got_pixels(torch.from_numpy(np.array(pil)).permute(2, 0, 1)[None].float() / 255, 64, mean, std)
+        ours = ocr.got_pixels(image, 64, mean, std)
         assert ours.shape == expected.shape == (1, 3, 64, 64)
         err = (ours - expected).abs()  # PIL rounds to uint8: a step is 1 / 255 / 0.26 = 0.015 after normalising
         assert err.mean() < 0.01 and err.max() < 0.05, \

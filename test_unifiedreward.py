@@ -2,17 +2,15 @@
 import re
 import time
 
-import numpy as np
 import pytest
 import torch
-from PIL import Image
 from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration, Qwen2Tokenizer, Qwen2VLImageProcessor
 from transformers.convert_slow_tokenizer import bytes_to_unicode
 from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import smart_resize  # the PIL processor's own
 
 import files
 import unifiedreward
-from conftest import relative_error, smooth_images
+from conftest import relative_error, smooth_images, smooth_pil
 
 SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>", "<|image_pad|>",
             "<|video_pad|>"]
@@ -93,9 +91,8 @@ def test_smart_size_is_qwen2vls_smart_resize():
 def test_patch_order_is_the_processors_on_an_image_it_does_not_resize():
     """On a 56 x 84 image (multiples of 28), qwen_pixels equals Qwen2VLImageProcessor's pixel_values exactly."""
     processor = Qwen2VLImageProcessor()
-    pil = Image.fromarray((smooth_images(1, 56, 84)[0].permute(1, 2, 0).numpy() * 255).round().astype(np.uint8))
+    pil, image = smooth_pil(56, 84)
     expected = processor(images=pil, return_tensors="pt")
-    image = torch.from_numpy(np.array(pil)).permute(2, 0, 1)[None].float() / 255
     mean, std = torch.tensor(processor.image_mean), torch.tensor(processor.image_std)
     ours, grid = unifiedreward.qwen_pixels(image, mean, std)
     assert torch.equal(grid, expected.image_grid_thw), "image_grid_thw differs from the processor's"
@@ -105,9 +102,8 @@ def test_patch_order_is_the_processors_on_an_image_it_does_not_resize():
 def test_torch_preprocessing_matches_the_qwen2vl_image_processor_on_a_pil_image():
     """A 70 x 100 image is smart-resized to 56 x 112 like the processor's PIL resize, up to resampling."""
     processor = Qwen2VLImageProcessor()
-    pil = Image.fromarray((smooth_images(1, 70, 100)[0].permute(1, 2, 0).numpy() * 255).round().astype(np.uint8))
+    pil, image = smooth_pil(70, 100)
     expected = processor(images=pil, return_tensors="pt")
-    image = torch.from_numpy(np.array(pil)).permute(2, 0, 1)[None].float() / 255
     mean, std = torch.tensor(processor.image_mean), torch.tensor(processor.image_std)
     ours, grid = unifiedreward.qwen_pixels(image, mean, std)
     assert grid.tolist() == expected.image_grid_thw.tolist() == [[1, 4, 8]], "smart resize picked another size"
