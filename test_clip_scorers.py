@@ -32,17 +32,20 @@ def test_pickscore_is_the_scaled_cosine_of_the_models_embeddings():
     assert relative_error(cos * model.logit_scale.exp() / 26, score) < 1e-5, "CLIPScore is not the plain cosine"
 
 
-def test_torch_preprocessing_matches_the_clip_processor_on_a_pil_image():
-    """clip_pixels of a [0, 1] tensor is close to the processor's PIL resize, crop and normalisation."""
+@pytest.mark.parametrize("pixels, height, width", [(clip_scorers.clip_pixels, 40, 32),
+                                                   (clip_scorers.hps_pixels, 40, 40)], ids=["clip", "hps_square"])
+def test_torch_preprocessing_matches_the_clip_processor_on_a_pil_image(pixels, height, width):
+    """clip_pixels of a [0, 1] tensor is close to the processor's PIL resize, crop and normalisation; so is HPSv2's
+    pad-to-square on a square image, where it is CLIP's resize."""
     _, processor = tiny_clip()
-    pil, image = smooth_pil(40, 32)
+    pil, image = smooth_pil(height, width)
     expected = processor(images=pil, return_tensors="pt").pixel_values
-    ours = clip_scorers.clip_pixels(image, 16, torch.tensor(processor.image_processor.image_mean),
-                                    torch.tensor(processor.image_processor.image_std))
+    ours = pixels(image, 16, torch.tensor(processor.image_processor.image_mean),
+                  torch.tensor(processor.image_processor.image_std))
     assert ours.shape == expected.shape
     err = (ours - expected).abs()
     assert err.mean() < 0.02 and err.max() < 0.1, \
-        f"preprocessing differs from CLIP's: mean {err.mean()}, max {err.max()}"
+        f"{pixels.__name__} differs from CLIP's preprocessing: mean {err.mean()}, max {err.max()}"
 
 
 # HPS v2.1's CLIP-H at toy sizes: the real config's activation, layer norm and text pooling (eos_token_id 2: argmax)
@@ -177,18 +180,6 @@ def test_a_checkpoint_with_a_weight_too_many_or_too_few_is_refused(tmp_path):
         tiny_hpsv2(tmp_path, open_clip_state() | {"visual.attn_pool.query": torch.zeros(4, 16)})
     with pytest.raises(RuntimeError, match="Missing key"):
         tiny_hpsv2(tmp_path, {k: v for k, v in open_clip_state().items() if k != "ln_final.bias"})
-
-
-def test_hps_preprocessing_matches_the_clip_processor_on_a_square_pil_image():
-    """For a square image HPSv2's pad-to-square is CLIP's resize: hps_pixels is close to the processor's PIL path."""
-    _, processor = tiny_clip()
-    pil, image = smooth_pil(40, 40)
-    expected = processor(images=pil, return_tensors="pt").pixel_values
-    ours = clip_scorers.hps_pixels(image, 16, torch.tensor(processor.image_processor.image_mean),
-                                   torch.tensor(processor.image_processor.image_std))
-    err = (ours - expected).abs()
-    assert ours.shape == expected.shape and err.mean() < 0.02 and err.max() < 0.1, \
-        f"HPS preprocessing differs from CLIP's on a square image: mean {err.mean()}, max {err.max()}"
 
 
 def test_hps_preprocessing_resizes_the_long_side_and_pads_with_black():
