@@ -16,10 +16,9 @@ import re
 
 import torch
 import torch.nn.functional as F
-from huggingface_hub import hf_hub_download
 from torch.utils.flop_counter import FlopCounterMode
 
-from files import hub_load, quiet_image_processors
+from files import hub_file, hub_load, quiet_image_processors
 
 quiet_image_processors()  # before transformers' image processors are imported
 from transformers import CLIPConfig, CLIPModel, CLIPProcessor  # noqa: E402
@@ -227,11 +226,6 @@ class Aesthetic(CLIPScore):
         pixels = self.pixels(images).to(self.model.dtype)
         image_emb = F.normalize(embedding(self.model.get_image_features(pixel_values=pixels)).float(), dim=-1)
         return self.mlp(image_emb).squeeze(-1)  # (B,)
-
-
-def hub_file(filename):
-    """A loader of one file of a hub repo for files.hub_load: (repo, **kwargs) -> the file's local path."""
-    return lambda repo, **kwargs: hf_hub_download(repo, filename, **kwargs)
 
 
 def load_hpsv2(device):

@@ -101,6 +101,14 @@ def hub_load(load, name, flag, folder_ok=True):
     return load(name)
 
 
+def hub_file(filename):
+    """A loader for hub_load of one file of a hub repo that is no transformers folder (a checkpoint, a vocabulary):
+    load(repo, **kwargs) -> the file's local path, fetched or found in the cache by hf_hub_download."""
+    from huggingface_hub import hf_hub_download
+
+    return lambda repo, **kwargs: hf_hub_download(repo, filename, **kwargs)
+
+
 def _hub_problem(name, folder_ok):
     """Why the hub cannot serve repo `name` to us now, or None; at most a few seconds."""
     from huggingface_hub import auth_check, constants, errors, model_info

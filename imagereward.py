@@ -19,7 +19,7 @@ import re
 import torch
 import torch.nn.functional as F
 
-from files import hub_load, quiet_image_processors
+from files import hub_file, hub_load, quiet_image_processors
 
 quiet_image_processors()  # before transformers' image processors are imported
 from transformers import BertTokenizer, BlipTextConfig, BlipTextModel, BlipVisionConfig, BlipVisionModel  # noqa: E402
@@ -145,16 +145,6 @@ def load_weights(model, state):
     is a RuntimeError naming it."""
     model.load_state_dict(map_state_dict(state), strict=True)
     return model
-
-
-def hub_file(filename):
-    """load(repo, **kwargs) -> the local path of repo's `filename`, in the form files.hub_load calls: the checkpoint
-    is no transformers folder, so hf_hub_download fetches (or finds in the cache) each file alone."""
-    from huggingface_hub import hf_hub_download
-
-    def load(repo, **kwargs):
-        return hf_hub_download(repo, filename, **kwargs)
-    return load
 
 
 def load_imagereward(device):
