@@ -294,6 +294,7 @@ def test_every_user_mistake_ends_in_one_error_line_and_exit_code_2(tmp_path, cap
              ["--prompts", str(tmp_path / "geneval")] + world, ["--reward", "pickscore:x"],
              ["--reward", "toy_geneval,toy_geneval"], ["--eval-prompts", str(tmp_path / "empty.txt")] + world,
              ["--reward", "ocr:x"], ["--reward", "ocr:0.8,pickscore:0.2"] + world, ["--log-to", "wandb"],
+             ["--reward", "imagereward"] + world, ["--reward", "toy_geneval:0.5,unifiedreward:0.5"] + world,
              ["--resume", "true", "--out", str(tmp_path / "corrupt")] + world,
              ["--resume", "true", "--out", str(tmp_path / "other")] + world,
              ["--out", str(tmp_path / "a_file")] + world, ["--prompts-per-step", "1000"] + world,
