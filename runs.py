@@ -127,11 +127,16 @@ def write_metrics(run, rows, mode="a"):
             f.writelines(json.dumps(row) + "\n" for row in rows)
 
 
-def log(run, bar, m):
-    """An iteration's metrics into out/metrics.jsonl, the tracker and the progress bar."""
+def record(run, m):
+    """One row of metrics, at iteration m["it"], into out/metrics.jsonl and the tracker (rank 0)."""
     write_metrics(run, [m])
     if run.tracker:
         run.tracker.log(m, step=m["it"])
+
+
+def log(run, bar, m):
+    """An iteration's metrics into out/metrics.jsonl, the tracker and the progress bar."""
+    record(run, m)
     shown = {"eval": f"{m['eval_reward']:.3f}"} if "eval_reward" in m else {}
     bar.set_postfix(reward=f"{m['reward']:.3f}", kl=f"{m['kl']:.2g}", **shown)
 
@@ -175,9 +180,7 @@ def finish(run, history):
     """The final held-out evaluation, logged as iteration `steps`, and the run's figures."""
     cfg = run.cfg
     history.append({"it": cfg.steps} | held_out(run, cfg.steps, "samples_end.png"))
-    write_metrics(run, history[-1:])
-    if run.tracker:
-        run.tracker.log(history[-1], step=cfg.steps)
+    record(run, history[-1])
     if run.lead:
         with run.lora.averaged():
             images, r, prompt = evaluate.figure1(run.world, run.reward_fn, run.policy, cfg)

@@ -21,6 +21,7 @@ from contextlib import contextmanager
 import torch
 from tqdm import tqdm
 
+import batching
 import config
 import files
 import parallel
@@ -55,8 +56,7 @@ def iteration(run, it):
     if credit.intermediate:
         with timed(m, "t_x0", world.device):
             x0, source = stepgrpo.x0_estimates(world, batch, policy, cfg.tweedie_substeps, cfg.tweedie_batch)
-        own = source[:, :-1] == torch.arange(len(source))[:, None]
-        m["x0_states"] = int(own.sum())  # the distinct states, each estimated once (choice 5)
+        m["x0_states"] = len(batching.distinct(source[:, :-1])[0])  # the distinct states, estimated once (choice 5)
     else:
         x0 = batch.states[:, -1:]  # (B, 1, ...)
         source = None
